@@ -1,0 +1,205 @@
+"""Batch statistics shared by every keras_bn layer.
+
+This is the only place where keras_bn computes moments, combines them
+across ghost batches and replicas, and updates moving averages. The layers
+call these functions; none of them repeats this math.
+
+Conventions:
+
+- Statistics are computed in float32 or wider (`statistics_dtype`), whatever
+  the layer's compute dtype, and variances are clamped at zero.
+- Moments are kept with `keepdims=True` so they broadcast against the input.
+- `count` is the number of elements that contributed to each statistic;
+  a statistic with `count == 0` (an all-masked or empty batch) is zero and is
+  never written into a moving average.
+"""
+
+from keras import backend
+from keras import ops
+
+
+def statistics_dtype(dtype):
+    """The dtype statistics are computed in: float32 or wider."""
+    return backend.result_type(dtype, "float32")
+
+
+def _replica_context():
+    """The TensorFlow replica context when there is more than one replica.
+
+    Returns `None` outside `tf.distribute` (or with a single replica) and on
+    backends other than TensorFlow: there, arrays are global (JAX's
+    `keras.distribution` shards one array across devices), so the reductions
+    below already see the whole batch.
+    """
+    if backend.backend() != "tensorflow":
+        return None
+    import tensorflow as tf
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return None
+    return ctx
+
+
+def cross_replica_sum(tensors):
+    """Sums each tensor of the list over all replicas (one collective)."""
+    ctx = _replica_context()
+    if ctx is None:
+        return tensors
+    import tensorflow as tf
+
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tensors)
+
+
+def _element_count(x, axes):
+    """Number of elements of `x` along `axes`, as a float scalar tensor."""
+    shape = ops.shape(x)
+    count = ops.convert_to_tensor(1.0, dtype=x.dtype)
+    for axis in axes:
+        count = count * ops.cast(shape[axis], x.dtype)
+    return count
+
+
+def moments(x, axes, mask=None, synchronized=False):
+    """Mean, biased variance and element count of `x` over `axes`.
+
+    Two passes (mean, then mean squared deviation), which keeps float32
+    accurate when the mean is large against the standard deviation. With
+    `synchronized=True` under `tf.distribute`, each pass is reduced across
+    replicas, so every replica gets the statistics of the global batch.
+
+    Args:
+        x: Tensor, already in `statistics_dtype`.
+        axes: List of the axes to reduce.
+        mask: Optional tensor broadcastable to `x`; elements where it is zero
+            are left out of the statistics.
+        synchronized: Whether to reduce across `tf.distribute` replicas.
+
+    Returns:
+        `(mean, variance, count)`, each with `keepdims=True`; `count` is a
+        scalar when there is no mask.
+    """
+    ctx = _replica_context() if synchronized else None
+    if mask is None and ctx is None:
+        mean = ops.mean(x, axis=axes, keepdims=True)
+        variance = ops.mean(
+            ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True
+        )
+        count = _element_count(x, axes)
+        return mean, ops.maximum(variance, 0.0), count
+
+    if mask is None:
+        total = ops.sum(x, axis=axes, keepdims=True)
+        count = _element_count(x, axes)
+    else:
+        mask = ops.cast(mask, x.dtype)
+        total = ops.sum(x * mask, axis=axes, keepdims=True)
+        count = ops.sum(
+            ops.broadcast_to(mask, ops.shape(x)), axis=axes, keepdims=True
+        )
+    if ctx is not None:
+        total, count = cross_replica_sum([total, count])
+    safe_count = ops.maximum(count, 1.0)
+    mean = total / safe_count
+
+    deviation = ops.square(x - ops.stop_gradient(mean))
+    if mask is not None:
+        deviation = deviation * mask
+    squares = ops.sum(deviation, axis=axes, keepdims=True)
+    if ctx is not None:
+        (squares,) = cross_replica_sum([squares])
+    variance = ops.maximum(squares / safe_count, 0.0)
+    return mean, variance, count
+
+
+def ghost_split(x, mask, virtual_batch_size):
+    """Splits the batch axis into ghost batches of `virtual_batch_size`.
+
+    A batch that does not divide evenly is padded with masked-out examples,
+    so that its remainder forms a last, smaller ghost batch.
+
+    Args:
+        x: Tensor whose first axis is the batch.
+        mask: `None` or a tensor of the rank of `x`, broadcastable to it.
+        virtual_batch_size: Python int.
+
+    Returns:
+        `(x, mask)` with a new leading ghost axis: `x` has shape
+        `(num_ghosts, virtual_batch_size) + x.shape[1:]` and `mask`, when not
+        `None`, is broadcastable to it.
+    """
+    batch = ops.shape(x)[0]
+    if mask is not None:
+        mask = ops.cast(mask, x.dtype)
+        mask = ops.broadcast_to(mask, (batch,) + tuple(ops.shape(mask)[1:]))
+    if x.shape[0] is None or x.shape[0] % virtual_batch_size:
+        pad = (-batch) % virtual_batch_size
+        if mask is None:
+            mask = ops.ones((batch,) + (1,) * (len(x.shape) - 1), x.dtype)
+        x = _pad_batch(x, pad)
+        mask = _pad_batch(mask, pad)
+    x = _split_batch(x, virtual_batch_size)
+    if mask is not None:
+        mask = _split_batch(mask, virtual_batch_size)
+    return x, mask
+
+
+def _pad_batch(x, pad):
+    zeros = ops.zeros((pad,) + tuple(ops.shape(x)[1:]), x.dtype)
+    return ops.concatenate([x, zeros], axis=0)
+
+
+def _split_batch(x, size):
+    return ops.reshape(x, (-1, size) + tuple(ops.shape(x)[1:]))
+
+
+def ghost_merge(y, batch_size):
+    """Inverse of `ghost_split`: back to one batch axis, padding dropped."""
+    y = ops.reshape(y, (-1,) + tuple(ops.shape(y)[2:]))
+    return y[:batch_size]
+
+
+def combine_ghosts(mean, variance, count, synchronized=False):
+    """Statistics for the moving averages from per-ghost-batch statistics.
+
+    The moving averages are updated once per step with the equal-weight mean
+    of the statistics of the ghost batches that counted any element (over all
+    replicas when `synchronized`).
+
+    Args:
+        mean, variance, count: Per-ghost statistics from `moments`, with the
+            ghost axis first.
+        synchronized: Whether to average across `tf.distribute` replicas.
+
+    Returns:
+        `(mean, variance, valid)` without the ghost axis; `valid` holds the
+        number of ghost batches that contributed.
+    """
+    valid = ops.cast(ops.greater(count, 0.0), mean.dtype)
+    valid = ops.broadcast_to(valid, ops.shape(mean))
+    sums = [
+        ops.sum(mean * valid, axis=0),
+        ops.sum(variance * valid, axis=0),
+        ops.sum(valid, axis=0),
+    ]
+    if synchronized:
+        sums = cross_replica_sum(sums)
+    mean_sum, variance_sum, valid = sums
+    safe = ops.maximum(valid, 1.0)
+    return mean_sum / safe, variance_sum / safe, valid
+
+
+def assign_moving_average(variable, value, decay, valid):
+    """`variable = variable * decay + value * (1 - decay)` where `valid`.
+
+    Elements whose `valid` is zero, or whose new value is not finite, keep
+    their old value: an empty or all-masked batch never writes into the
+    moving statistics.
+    """
+    old = ops.cast(variable, value.dtype)
+    new = old * decay + value * (1.0 - decay)
+    keep = ops.logical_or(
+        ops.logical_not(ops.greater(valid, 0)),
+        ops.logical_not(ops.isfinite(new)),
+    )
+    variable.assign(ops.cast(ops.where(keep, old, new), variable.dtype))

@@ -1,0 +1,505 @@
+"""Batch normalization, a drop-in for `keras.layers.BatchNormalization`."""
+
+import numbers
+
+from keras import backend
+from keras import constraints
+from keras import initializers
+from keras import layers
+from keras import ops
+from keras import regularizers
+from keras import saving
+
+from keras_bn import _statistics
+
+
+@saving.register_keras_serializable(package="keras_bn")
+class BatchNormalization(layers.Layer):
+    """Batch normalization (Ioffe & Szegedy, 2015).
+
+    A drop-in replacement for `keras.layers.BatchNormalization`: the same
+    arguments, defaults and weights (`gamma`, `beta`, `moving_mean`,
+    `moving_variance`, in that order, so `set_weights` moves weights between
+    the two), and the same outputs and moving statistics for every
+    configuration both accept. On top of core Keras it normalizes over
+    several axes, supports ghost batches (`virtual_batch_size`), keeps masks
+    and cross-replica synchronization working together, and offers a
+    cumulative moving average (`momentum=None`).
+
+    **Training** (`training=True` and `layer.trainable`): for every position
+    on the normalized `axis`, with the mean and biased variance of the batch
+    over all other axes (masked elements left out),
+
+        mean_B = mean(x),  var_B = mean((x - mean_B) ** 2)
+        y = gamma * (x - mean_B) / sqrt(var_B + epsilon) + beta
+
+    and the moving statistics are updated once per step:
+
+        moving_mean = moving_mean * momentum + mean_B * (1 - momentum)
+        moving_variance = moving_variance * momentum + var_B * (1 - momentum)
+
+    With `momentum=None` the update rate is `1 / n` at the layer's `n`-th
+    update, so the moving statistics are the equal-weight average of every
+    batch seen (PyTorch's convention); the count `n` is kept in the
+    non-trainable weight `num_batches_tracked` and saved with the layer.
+
+    **Inference** (`training=False`, the default, or `trainable=False`):
+
+        y = gamma * (x - moving_mean) / sqrt(moving_variance + epsilon) + beta
+
+    Setting `layer.trainable = False` runs the layer in inference mode, as in
+    core Keras: this is what fine-tuning needs (the statistics learned in
+    pretraining are kept and used).
+
+    Ghost batches: with `virtual_batch_size=v`, training statistics are
+    computed for each group of `v` consecutive examples and each group is
+    normalized with its own statistics; the moving statistics are updated
+    once per step with the mean of the groups' statistics; inference is
+    unchanged. A batch whose size is not a multiple of `v` is split into
+    full groups and one last, smaller group with the remainder.
+
+    Statistics are computed in float32 (or wider, for float64 inputs) under
+    `mixed_float16` and `mixed_bfloat16`, variances are clamped at zero, and
+    the output has the layer's compute dtype. A batch that contributes no
+    element to a statistic (all masked, or empty) leaves that moving
+    statistic untouched. A batch of one example is allowed in training: its
+    variance is zero, so the output is `beta`.
+
+    Args:
+        axis: Integer or list of integers, the axis or axes that keep their
+            own statistics (typically the features axis); statistics are
+            computed over all other axes. After a `Conv2D` layer with
+            `data_format="channels_first"`, use `axis=1`. Defaults to `-1`.
+        momentum: Float in `[0, 1)`, the decay of the moving averages, or
+            `None` for a cumulative average over all training batches.
+            Defaults to `0.99`.
+        epsilon: Positive float added to the variance to avoid dividing by
+            zero. Defaults to `1e-3`.
+        center: If `True`, add the offset `beta`. Defaults to `True`.
+        scale: If `True`, multiply by `gamma`. When the next layer is linear
+            this can be disabled, since the next layer can do the scaling.
+            Defaults to `True`.
+        beta_initializer: Initializer for `beta`. Defaults to `"zeros"`.
+        gamma_initializer: Initializer for `gamma`. Defaults to `"ones"`.
+        moving_mean_initializer: Initializer for the moving mean. Defaults to
+            `"zeros"`.
+        moving_variance_initializer: Initializer for the moving variance.
+            Defaults to `"ones"`.
+        beta_regularizer: Optional regularizer for `beta`. Defaults to
+            `None`.
+        gamma_regularizer: Optional regularizer for `gamma`. Defaults to
+            `None`.
+        beta_constraint: Optional constraint for `beta`. Defaults to `None`.
+        gamma_constraint: Optional constraint for `gamma`. Defaults to
+            `None`.
+        synchronized: If `True`, under a `tf.distribute` strategy every
+            replica normalizes with the statistics of the global batch (the
+            per-replica sums are reduced across replicas, masks included).
+            If `False`, each replica uses its own batch's statistics and the
+            moving statistics receive the mean of the replicas' updates.
+            With ghost batches, the groups are formed within each replica
+            and only the moving-statistics update is synchronized. On the
+            JAX backend arrays are global, so statistics always cover the
+            whole batch; other backends do not accept `True`. Defaults to
+            `False`.
+        virtual_batch_size: Positive integer, the size of the ghost batches
+            that training statistics are computed over, or `None` to use the
+            whole batch. Defaults to `None`.
+        renorm, renorm_clipping, renorm_momentum: Accepted for compatibility
+            with `keras.layers.BatchNormalization`; batch renormalization is
+            provided by `keras_bn.BatchRenormalization`. Default to `False`,
+            `None` and `0.99`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        inputs: Input tensor of any rank.
+        training: Python boolean: normalize with the batch statistics and
+            update the moving statistics (`True`), or normalize with the
+            moving statistics (`False`).
+        mask: Optional boolean tensor; `False` marks elements that are left
+            out of the batch statistics. Either the shape of `inputs` without
+            its last axis (the masks Keras layers propagate), or a shape
+            broadcastable to `inputs`. The output is computed for every
+            element.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_bn
+    >>> x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4))
+    >>> layer = keras_bn.BatchNormalization(virtual_batch_size=4)
+    >>> y = np.asarray(layer(x.astype("float32"), training=True))
+    >>> bool(np.allclose(y[:4].mean(axis=0), 0.0, atol=1e-5))
+    True
+    >>> [w.name for w in layer.weights]
+    ['gamma', 'beta', 'moving_mean', 'moving_variance']
+
+    Reference:
+
+    - [Ioffe and Szegedy, 2015](https://arxiv.org/abs/1502.03167).
+    - [Hoffer et al., 2017](https://arxiv.org/abs/1705.08741) (ghost
+      batches).
+    """
+
+    def __init__(
+        self,
+        axis=-1,
+        momentum=0.99,
+        epsilon=1e-3,
+        center=True,
+        scale=True,
+        beta_initializer="zeros",
+        gamma_initializer="ones",
+        moving_mean_initializer="zeros",
+        moving_variance_initializer="ones",
+        beta_regularizer=None,
+        gamma_regularizer=None,
+        beta_constraint=None,
+        gamma_constraint=None,
+        renorm=False,
+        renorm_clipping=None,
+        renorm_momentum=0.99,
+        synchronized=False,
+        virtual_batch_size=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.axis = _validate_axis(axis)
+        self.momentum = _validate_momentum(momentum)
+        self.epsilon = _validate_epsilon(epsilon)
+        self.center = bool(center)
+        self.scale = bool(scale)
+        self.beta_initializer = initializers.get(beta_initializer)
+        self.gamma_initializer = initializers.get(gamma_initializer)
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer
+        )
+        self.beta_regularizer = regularizers.get(beta_regularizer)
+        self.gamma_regularizer = regularizers.get(gamma_regularizer)
+        self.beta_constraint = constraints.get(beta_constraint)
+        self.gamma_constraint = constraints.get(gamma_constraint)
+        if renorm:
+            raise ValueError(
+                "keras_bn.BatchNormalization does not do batch "
+                "renormalization; use keras_bn.BatchRenormalization with the "
+                "same arguments. Received: renorm=True"
+            )
+        if synchronized and backend.backend() not in ("tensorflow", "jax"):
+            raise ValueError(
+                "Argument `synchronized=True` needs the TensorFlow or JAX "
+                f"backend. Received: synchronized={synchronized} with the "
+                f"{backend.backend()} backend"
+            )
+        self.synchronized = bool(synchronized)
+        self.virtual_batch_size = _validate_virtual_batch_size(
+            virtual_batch_size
+        )
+        self.supports_masking = True
+
+        self.gamma = None
+        self.beta = None
+        self.moving_mean = None
+        self.moving_variance = None
+        self.num_batches_tracked = None
+
+    def build(self, input_shape):
+        axes = _resolve_axes(self.axis, input_shape)
+        if self.virtual_batch_size is not None and 0 in axes:
+            raise ValueError(
+                "Ghost batches split axis 0, so it cannot be a normalized "
+                f"axis. Received: axis={self.axis}, "
+                f"virtual_batch_size={self.virtual_batch_size}"
+            )
+        self._axes = axes
+        self._param_shape = tuple(input_shape[a] for a in axes)
+        self._broadcast_shape = tuple(
+            input_shape[i] if i in axes else 1 for i in range(len(input_shape))
+        )
+        self._reduction_axes = [
+            i for i in range(len(input_shape)) if i not in axes
+        ]
+        shape = self._param_shape
+        if self.scale:
+            self.gamma = self.add_weight(
+                shape=shape,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.center:
+            self.beta = self.add_weight(
+                shape=shape,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        self.moving_mean = self._add_statistic(
+            "moving_mean", self.moving_mean_initializer
+        )
+        self.moving_variance = self._add_statistic(
+            "moving_variance", self.moving_variance_initializer
+        )
+        if self.momentum is None:
+            self.num_batches_tracked = self.add_weight(
+                shape=(),
+                name="num_batches_tracked",
+                initializer="zeros",
+                dtype="int",
+                trainable=False,
+                aggregation="only_first_replica",
+            )
+        self.input_spec = layers.InputSpec(
+            ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
+        )
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+    def call(self, inputs, training=None, mask=None):
+        x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
+        mask = self._standardize_mask(mask, x)
+        if training and self.trainable:
+            outputs = self._train_step(x, mask)
+        else:
+            scale, offset = self._affine(
+                self._broadcast(self.moving_mean, x.dtype),
+                self._broadcast(self.moving_variance, x.dtype),
+            )
+            outputs = x * scale + offset
+        return ops.cast(outputs, self.compute_dtype)
+
+    def get_config(self):
+        config = {
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(
+                self.moving_mean_initializer
+            ),
+            "moving_variance_initializer": initializers.serialize(
+                self.moving_variance_initializer
+            ),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+            "virtual_batch_size": self.virtual_batch_size,
+        }
+        return {**super().get_config(), **config}
+
+    def _add_statistic(self, name, initializer):
+        return self.add_weight(
+            shape=self._param_shape,
+            name=name,
+            initializer=initializer,
+            trainable=False,
+            autocast=False,
+            aggregation="mean",
+        )
+
+    def _train_step(self, x, mask):
+        """Normalizes with batch statistics and updates the moving ones."""
+        batch_size = ops.shape(x)[0]
+        axes = self._reduction_axes
+        ghosts = self.virtual_batch_size is not None
+        if ghosts:
+            x, mask = _statistics.ghost_split(
+                x, mask, self.virtual_batch_size
+            )
+            axes = [a + 1 for a in axes]
+        mean, variance, count = _statistics.moments(
+            x, axes, mask, synchronized=self.synchronized and not ghosts
+        )
+        scale, offset = self._batch_affine(mean, variance)
+        if ghosts:
+            mean, variance, count = _statistics.combine_ghosts(
+                mean, variance, count, synchronized=self.synchronized
+            )
+        self._update_moving_statistics(
+            self._to_param_shape(mean),
+            self._to_param_shape(variance),
+            self._to_param_shape(count),
+        )
+        outputs = x * scale + offset
+        if ghosts:
+            outputs = _statistics.ghost_merge(outputs, batch_size)
+        return outputs
+
+    def _batch_affine(self, mean, variance):
+        """`_affine` for batch statistics in training.
+
+        Subclasses that correct the normalized value in training (batch
+        renormalization) override this.
+        """
+        return self._affine(mean, variance)
+
+    def _affine(self, mean, variance):
+        """`(scale, offset)` such that the output is `x * scale + offset`.
+
+        `mean` and `variance` broadcast against the input.
+        """
+        scale = ops.rsqrt(variance + self.epsilon)
+        if self.gamma is not None:
+            scale = scale * self._broadcast(self.gamma, mean.dtype)
+        offset = -mean * scale
+        if self.beta is not None:
+            offset = offset + self._broadcast(self.beta, mean.dtype)
+        return scale, offset
+
+    def _update_moving_statistics(self, mean, variance, count):
+        """Moves the moving statistics towards the batch's.
+
+        Args:
+            mean, variance: Batch statistics in the weights' shape.
+            count: Elements (or ghost batches) behind each statistic, as a
+                scalar or in the weights' shape; zero means "no update".
+        """
+        decay = self._decay(count)
+        _statistics.assign_moving_average(self.moving_mean, mean, decay, count)
+        _statistics.assign_moving_average(
+            self.moving_variance, variance, decay, count
+        )
+
+    def _decay(self, count):
+        """The decay of this step's update; counts it for `momentum=None`."""
+        if self.momentum is not None:
+            return self.momentum
+        seen = ops.cast(self.num_batches_tracked, count.dtype)
+        self.num_batches_tracked.assign_add(
+            ops.cast(
+                ops.any(ops.greater(count, 0)), self.num_batches_tracked.dtype
+            )
+        )
+        return seen / (seen + 1.0)
+
+    def _broadcast(self, weight, dtype):
+        return ops.reshape(ops.cast(weight, dtype), self._broadcast_shape)
+
+    def _to_param_shape(self, statistic):
+        if len(statistic.shape) == 0:
+            return statistic
+        return ops.reshape(statistic, self._param_shape)
+
+    def _standardize_mask(self, mask, x):
+        """A mask of the rank of `x`, or a clear error if it cannot fit."""
+        if mask is None:
+            return None
+        rank = len(x.shape)
+        if len(mask.shape) == rank - 1:
+            mask = ops.expand_dims(mask, -1)
+        if len(mask.shape) != rank or any(
+            m is not None and d is not None and m not in (1, d)
+            for m, d in zip(mask.shape, x.shape)
+        ):
+            raise ValueError(
+                f"Layer '{self.name}' received a mask that does not fit its "
+                "inputs: the mask must have the inputs' shape without the "
+                "last axis, or a shape broadcastable to the inputs. Received: "
+                f"mask.shape={tuple(mask.shape)}, inputs.shape="
+                f"{tuple(x.shape)}"
+            )
+        return mask
+
+
+def _validate_axis(axis):
+    if isinstance(axis, (list, tuple)):
+        values = list(axis)
+    else:
+        values = [axis]
+    if not values or not all(
+        isinstance(a, numbers.Integral) and not isinstance(a, bool)
+        for a in values
+    ):
+        raise ValueError(
+            "Argument `axis` must be an integer or a non-empty list of "
+            f"integers. Received: axis={axis}"
+        )
+    values = [int(a) for a in values]
+    if len(set(values)) != len(values):
+        raise ValueError(
+            f"Argument `axis` repeats an axis. Received: axis={axis}"
+        )
+    return values if isinstance(axis, (list, tuple)) else values[0]
+
+
+def _resolve_axes(axis, input_shape):
+    """Sorted non-negative axes; checks range, repeats and known sizes."""
+    rank = len(input_shape)
+    given = axis if isinstance(axis, list) else [axis]
+    for a in given:
+        if not -rank <= a < rank:
+            raise ValueError(
+                f"Argument `axis` is out of range for inputs of rank {rank} "
+                f"(allowed: {-rank} to {rank - 1}). Received: axis={axis}, "
+                f"input_shape={tuple(input_shape)}"
+            )
+    axes = sorted(a % rank for a in given)
+    if len(set(axes)) != len(axes):
+        raise ValueError(
+            f"Argument `axis` names the same axis twice for inputs of rank "
+            f"{rank}. Received: axis={axis}"
+        )
+    for a in axes:
+        if input_shape[a] is None:
+            raise ValueError(
+                "A normalized axis must have a known size, since the layer "
+                f"keeps statistics for each position on it. Axis {a} of "
+                f"input_shape={tuple(input_shape)} is None. Received: "
+                f"axis={axis}"
+            )
+    return axes
+
+
+def _validate_momentum(momentum):
+    if momentum is None:
+        return None
+    if (
+        not isinstance(momentum, numbers.Real)
+        or isinstance(momentum, bool)
+        or not 0.0 <= momentum < 1.0
+    ):
+        raise ValueError(
+            "Argument `momentum` must be a float in [0, 1), or None for a "
+            f"cumulative average. Received: momentum={momentum}"
+        )
+    return float(momentum)
+
+
+def _validate_epsilon(epsilon):
+    if (
+        not isinstance(epsilon, numbers.Real)
+        or isinstance(epsilon, bool)
+        or not epsilon > 0.0
+    ):
+        raise ValueError(
+            f"Argument `epsilon` must be a positive float. Received: "
+            f"epsilon={epsilon}"
+        )
+    return float(epsilon)
+
+
+def _validate_virtual_batch_size(virtual_batch_size):
+    if virtual_batch_size is None:
+        return None
+    if (
+        not isinstance(virtual_batch_size, numbers.Integral)
+        or isinstance(virtual_batch_size, bool)
+        or virtual_batch_size <= 0
+    ):
+        raise ValueError(
+            "Argument `virtual_batch_size` must be a positive integer or "
+            f"None. Received: virtual_batch_size={virtual_batch_size}"
+        )
+    return int(virtual_batch_size)

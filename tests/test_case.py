@@ -1,0 +1,157 @@
+"""A small public-API layer test harness, used for every keras_bn layer.
+
+Modelled on `keras.src.testing.TestCase.run_layer_test`, but built only on
+public Keras APIs so that it tests what users do: config round trip,
+serialization, symbolic and eager calls, a `fit()` step, `.keras`
+save/load with equal outputs, and float32 weights under `mixed_float16`.
+"""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+from absl.testing import parameterized
+
+
+class LayerTestCase(parameterized.TestCase):
+    def assertAllClose(self, actual, desired, atol=1e-5, rtol=1e-5, msg=""):
+        np.testing.assert_allclose(
+            np.asarray(actual), np.asarray(desired), atol=atol, rtol=rtol,
+            err_msg=msg,
+        )
+
+    def run_layer_test(
+        self,
+        layer_cls,
+        init_kwargs,
+        input_shape,
+        input_data=None,
+        call_kwargs=None,
+        expected_num_trainable_weights=None,
+        expected_num_non_trainable_weights=None,
+        run_training_check=True,
+        run_mixed_precision_check=True,
+    ):
+        """Runs the public-API checks on `layer_cls(**init_kwargs)`.
+
+        Args:
+            layer_cls: The layer class.
+            init_kwargs: Constructor arguments.
+            input_shape: Full input shape, batch included.
+            input_data: Optional NumPy input; random normal otherwise.
+            call_kwargs: Extra call arguments (e.g. a mask).
+            expected_num_trainable_weights: Checked when not `None`.
+            expected_num_non_trainable_weights: Checked when not `None`.
+            run_training_check: Whether to run a `fit()` step.
+            run_mixed_precision_check: Whether to check `mixed_float16`.
+        """
+        call_kwargs = call_kwargs or {}
+        if input_data is None:
+            input_data = np.random.default_rng(0).normal(
+                1.0, 2.0, input_shape
+            ).astype("float32")
+        self._check_config(layer_cls, init_kwargs)
+        self._check_calls(
+            layer_cls, init_kwargs, input_data, call_kwargs,
+            expected_num_trainable_weights,
+            expected_num_non_trainable_weights,
+        )
+        model = self._check_save_and_load(
+            layer_cls, init_kwargs, input_data, run_training_check
+        )
+        if run_training_check:
+            self.assertIsNotNone(model)
+        if run_mixed_precision_check:
+            self._check_mixed_precision(layer_cls, init_kwargs, input_data)
+
+    def _check_config(self, layer_cls, init_kwargs):
+        layer = layer_cls(**init_kwargs)
+        config = layer.get_config()
+        for key in init_kwargs:
+            self.assertIn(key, config)
+        revived = layer_cls.from_config(config)
+        self.assertEqual(revived.get_config(), config)
+        serialized = keras.saving.serialize_keras_object(layer)
+        deserialized = keras.saving.deserialize_keras_object(serialized)
+        self.assertIsInstance(deserialized, layer_cls)
+        self.assertEqual(deserialized.get_config(), config)
+
+    def _check_calls(
+        self, layer_cls, init_kwargs, input_data, call_kwargs,
+        expected_num_trainable_weights, expected_num_non_trainable_weights,
+    ):
+        # Symbolic call.
+        layer = layer_cls(**init_kwargs)
+        inputs = keras.Input(
+            shape=input_data.shape[1:], batch_size=input_data.shape[0]
+        )
+        outputs = layer(inputs)
+        expected_shape = layer.compute_output_shape(input_data.shape)
+        self.assertEqual(tuple(outputs.shape), tuple(expected_shape))
+
+        # Eager calls, in training and in inference.
+        layer = layer_cls(**init_kwargs)
+        for training in (True, False):
+            y = keras.ops.convert_to_numpy(
+                layer(input_data, training=training, **call_kwargs)
+            )
+            self.assertEqual(y.shape, tuple(expected_shape))
+            self.assertTrue(np.all(np.isfinite(y)))
+        if expected_num_trainable_weights is not None:
+            self.assertLen(
+                layer.trainable_weights, expected_num_trainable_weights
+            )
+        if expected_num_non_trainable_weights is not None:
+            self.assertLen(
+                layer.non_trainable_weights,
+                expected_num_non_trainable_weights,
+            )
+
+    def _check_save_and_load(
+        self, layer_cls, init_kwargs, input_data, run_training_check
+    ):
+        model = keras.Sequential(
+            [keras.Input(shape=input_data.shape[1:]), layer_cls(**init_kwargs)]
+        )
+        if run_training_check:
+            model.compile(optimizer="sgd", loss="mse")
+            model.fit(
+                input_data, np.zeros_like(model.predict(input_data, verbose=0)),
+                batch_size=input_data.shape[0], epochs=1, verbose=0,
+            )
+        expected = model.predict(input_data, verbose=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertAllClose(
+            loaded.predict(input_data, verbose=0), expected, atol=1e-6
+        )
+        for a, b in zip(model.weights, loaded.weights):
+            self.assertAllClose(b, a, atol=0, rtol=0, msg=a.path)
+        return model
+
+    def _check_mixed_precision(self, layer_cls, init_kwargs, input_data):
+        layer = layer_cls(**init_kwargs, dtype="mixed_float16")
+        y = layer(input_data, training=True)
+        self.assertEqual(keras.backend.standardize_dtype(y.dtype), "float16")
+        for weight in layer.weights:
+            if weight.dtype.startswith("float"):
+                self.assertEqual(weight.dtype, "float32", weight.path)
+        model = keras.Sequential(
+            [
+                keras.Input(shape=input_data.shape[1:]),
+                layer_cls(**init_kwargs, dtype="mixed_float16"),
+            ]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(
+            input_data, np.zeros(y.shape, "float32"),
+            batch_size=input_data.shape[0], epochs=1, verbose=0,
+        )
+        for weight in model.weights:
+            self.assertTrue(
+                np.all(np.isfinite(keras.ops.convert_to_numpy(weight))),
+                weight.path,
+            )
