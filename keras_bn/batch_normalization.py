@@ -397,6 +397,7 @@ class BatchNormalization(layers.Layer):
         if mask is None:
             return None
         rank = len(x.shape)
+        given_shape = tuple(mask.shape)
         if len(mask.shape) == rank - 1:
             mask = ops.expand_dims(mask, -1)
         if len(mask.shape) != rank or any(
@@ -407,7 +408,7 @@ class BatchNormalization(layers.Layer):
                 f"Layer '{self.name}' received a mask that does not fit its "
                 "inputs: the mask must have the inputs' shape without the "
                 "last axis, or a shape broadcastable to the inputs. Received: "
-                f"mask.shape={tuple(mask.shape)}, inputs.shape="
+                f"mask.shape={given_shape}, inputs.shape="
                 f"{tuple(x.shape)}"
             )
         return mask

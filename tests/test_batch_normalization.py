@@ -1,4 +1,12 @@
-"""Tests of keras_bn.BatchNormalization."""
+"""Tests of keras_bn.BatchNormalization.
+
+References: a NumPy implementation of the equations (float64, written from
+the paper and the documented rules, not from the layer's code), core
+`keras.layers.BatchNormalization`, and tf-keras's layer where installed.
+"""
+
+import os
+import tempfile
 
 import keras
 import numpy as np
@@ -8,8 +16,296 @@ from absl.testing import parameterized
 import keras_bn
 from tests import test_case
 
+TF = keras.backend.backend() == "tensorflow"
+requires_tf = pytest.mark.skipif(
+    not TF, reason="uses tf.GradientTape and tf.distribute"
+)
 
-class BatchNormalizationLayerTest(test_case.LayerTestCase):
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def reference_train_step(x, gamma, beta, moving, cfg, mask=None):
+    """One training step of batch normalization in float64 NumPy.
+
+    Args:
+        x: Input array.
+        gamma, beta: Arrays in the weights' shape, or None.
+        moving: Dict with "mean", "variance" (weights' shape) and "n" (the
+            number of updates so far, for momentum=None); updated in place.
+        cfg: Dict with "axis", "epsilon", "momentum", "virtual_batch_size".
+        mask: Optional mask, the shape of x without its last axis or
+            broadcastable to x.
+
+    Returns:
+        The normalized output.
+    """
+    x = np.asarray(x, np.float64)
+    rank = x.ndim
+    axis = cfg.get("axis", -1)
+    axes = sorted(a % rank for a in np.atleast_1d(axis))
+    reduce = tuple(i for i in range(rank) if i not in axes)
+    bshape = [x.shape[i] if i in axes else 1 for i in range(rank)]
+    if mask is None:
+        m = np.ones_like(x)
+    else:
+        m = np.asarray(mask, np.float64)
+        if m.ndim == rank - 1:
+            m = m[..., None]
+        m = np.broadcast_to(m, x.shape)
+    batch = x.shape[0]
+    size = cfg.get("virtual_batch_size") or batch
+    eps = cfg.get("epsilon", 1e-3)
+    g = np.ones(bshape) if gamma is None else np.reshape(gamma, bshape)
+    b = np.zeros(bshape) if beta is None else np.reshape(beta, bshape)
+    y = np.empty_like(x)
+    means, variances, valid = [], [], []
+    for start in range(0, batch, size):
+        xs, ms = x[start : start + size], m[start : start + size]
+        n = ms.sum(axis=reduce, keepdims=True)
+        mean = (xs * ms).sum(axis=reduce, keepdims=True) / np.maximum(n, 1)
+        var = (ms * (xs - mean) ** 2).sum(axis=reduce, keepdims=True)
+        var = var / np.maximum(n, 1)
+        y[start : start + size] = g * (xs - mean) / np.sqrt(var + eps) + b
+        means.append(mean.reshape(-1))
+        variances.append(var.reshape(-1))
+        valid.append((n > 0).reshape(-1).astype(np.float64))
+    means, variances, valid = map(np.array, (means, variances, valid))
+    count = valid.sum(axis=0)
+    mean = (means * valid).sum(axis=0) / np.maximum(count, 1)
+    var = (variances * valid).sum(axis=0) / np.maximum(count, 1)
+    momentum = cfg.get("momentum", 0.99)
+    if momentum is None:
+        momentum = moving["n"] / (moving["n"] + 1.0)
+        moving["n"] += float(count.any())
+    shape = moving["mean"].shape
+    for key, stat in (("mean", mean), ("variance", var)):
+        new = moving[key].reshape(-1) * momentum + stat * (1 - momentum)
+        moving[key] = np.where(count > 0, new, moving[key].reshape(-1))
+        moving[key] = moving[key].reshape(shape)
+    return y
+
+
+def reference_inference(x, gamma, beta, moving, cfg):
+    rank = x.ndim
+    axis = cfg.get("axis", -1)
+    axes = sorted(a % rank for a in np.atleast_1d(axis))
+    bshape = [x.shape[i] if i in axes else 1 for i in range(rank)]
+    g = 1.0 if gamma is None else np.reshape(gamma, bshape)
+    b = 0.0 if beta is None else np.reshape(beta, bshape)
+    mean = np.reshape(moving["mean"], bshape)
+    var = np.reshape(moving["variance"], bshape)
+    return g * (x - mean) / np.sqrt(var + cfg.get("epsilon", 1e-3)) + b
+
+
+def _randomize(layer, rng):
+    """Random gamma/beta/moving statistics, so no test passes by accident."""
+    weights = []
+    for w in layer.weights:
+        if w.name == "moving_variance":
+            weights.append(rng.uniform(0.5, 2.0, w.shape))
+        elif w.name in ("gamma", "beta", "moving_mean"):
+            weights.append(rng.normal(0.0, 1.0, w.shape))
+        else:
+            weights.append(keras.ops.convert_to_numpy(w))
+    layer.set_weights(weights)
+
+
+def _named(layer, name):
+    for w in layer.weights:
+        if w.name == name:
+            return keras.ops.convert_to_numpy(w)
+    return None
+
+
+# Config, input shape, mask kind: None, "sequence" (rank-1 mask) or "full".
+REFERENCE_GRID = (
+    ("default", {}, (8, 4), None),
+    ("axis_1_rank3", {"axis": 1}, (6, 3, 5), None),
+    ("axes_list", {"axis": [1, 3]}, (4, 3, 2, 5), None),
+    ("axes_negative", {"axis": [-1, 1]}, (4, 3, 2, 5), None),
+    ("no_center", {"center": False, "momentum": 0.9}, (8, 4), None),
+    ("no_scale", {"scale": False, "epsilon": 1e-5}, (8, 4), None),
+    ("cumulative", {"momentum": None}, (8, 4), None),
+    ("sequence_mask", {"momentum": 0.8}, (6, 5, 3), "sequence"),
+    ("full_mask_axes", {"axis": [1, 2]}, (6, 2, 3), "full"),
+    ("ghost", {"virtual_batch_size": 4}, (8, 3), None),
+    ("ghost_remainder", {"virtual_batch_size": 3}, (8, 3), None),
+    ("ghost_bigger_than_batch", {"virtual_batch_size": 16}, (8, 3), None),
+    ("ghost_mask", {"virtual_batch_size": 2, "axis": 1}, (6, 3, 4), "sequence"),
+    ("ghost_cumulative", {"virtual_batch_size": 4, "momentum": None},
+     (12, 2, 3), None),
+)
+
+
+def _mask_for(kind, shape, rng, step=0):
+    if kind is None:
+        return None
+    if kind == "sequence":
+        mask = rng.random(shape[:-1]) > 0.35
+    else:
+        mask = rng.random(shape) > 0.35
+    mask[0] = True  # the first example always counts
+    if step == 1:
+        mask[: shape[0] // 2] = False  # a ghost batch may be all masked
+    return mask
+
+
+class ReferenceTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(*REFERENCE_GRID)
+    def test_three_training_steps_and_inference(self, cfg, shape, mask_kind):
+        rng = _rng(1)
+        layer = keras_bn.BatchNormalization(**cfg)
+        layer.build(shape)
+        _randomize(layer, rng)
+        gamma, beta = _named(layer, "gamma"), _named(layer, "beta")
+        moving = {
+            "mean": _named(layer, "moving_mean").astype(np.float64),
+            "variance": _named(layer, "moving_variance").astype(np.float64),
+            "n": 0.0,
+        }
+        for step in range(3):
+            x = rng.normal(step - 1.0, 1.0 + step, shape).astype("float32")
+            mask = _mask_for(mask_kind, shape, rng, step)
+            y = layer(x, training=True, mask=mask)
+            expected = reference_train_step(x, gamma, beta, moving, cfg, mask)
+            self.assertAllClose(y, expected, atol=2e-5, rtol=1e-4)
+            self.assertAllClose(
+                layer.moving_mean, moving["mean"], atol=1e-5, rtol=1e-5
+            )
+            self.assertAllClose(
+                layer.moving_variance, moving["variance"], atol=1e-5,
+                rtol=1e-5,
+            )
+        x = rng.normal(0.5, 2.0, shape).astype("float32")
+        self.assertAllClose(
+            layer(x, training=False),
+            reference_inference(x, gamma, beta, moving, cfg),
+            atol=2e-5, rtol=1e-4,
+        )
+
+
+CORE_GRID = (
+    ("default", {}, (16, 4), None),
+    ("axis_1", {"axis": 1}, (8, 3, 5), None),
+    ("axis_minus_2", {"axis": -2}, (8, 3, 5), None),
+    ("image", {"momentum": 0.9, "epsilon": 1e-5}, (4, 5, 5, 3), None),
+    ("no_center", {"center": False}, (16, 4), None),
+    ("no_scale", {"scale": False}, (16, 4), None),
+    ("momentum_zero", {"momentum": 0.0}, (16, 4), None),
+    ("initializers", {
+        "gamma_initializer": "random_normal",
+        "beta_initializer": "random_uniform",
+        "moving_mean_initializer": "ones",
+        "moving_variance_initializer": "zeros",
+    }, (16, 4), None),
+    ("mask", {"momentum": 0.7}, (6, 5, 3), "sequence"),
+)
+
+
+class CoreKerasEquivalenceTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(*CORE_GRID)
+    def test_same_outputs_and_statistics(self, cfg, shape, mask_kind):
+        rng = _rng(2)
+        ours = keras_bn.BatchNormalization(**cfg)
+        core = keras.layers.BatchNormalization(**cfg)
+        ours.build(shape)
+        core.build(shape)
+        core.set_weights(ours.get_weights())
+        for step in range(4):
+            x = rng.normal(step, 1.0 + step, shape).astype("float32")
+            mask = _mask_for(mask_kind, shape, rng)
+            self.assertAllClose(
+                ours(x, training=True, mask=mask),
+                core(x, training=True, mask=mask),
+            )
+        for a, b in zip(ours.weights, core.weights):
+            self.assertEqual(a.name, b.name)
+            self.assertAllClose(a, b, msg=a.name)
+        x = rng.normal(0, 3, shape).astype("float32")
+        self.assertAllClose(ours(x), core(x))
+
+    @parameterized.named_parameters(*CORE_GRID[:5])
+    def test_same_weights_after_fit(self, cfg, shape, mask_kind):
+        del mask_kind
+        rng = _rng(3)
+        x = rng.normal(1.0, 2.0, (32,) + shape[1:]).astype("float32")
+        y = rng.normal(0.0, 1.0, x.shape).astype("float32")
+
+        def model(layer):
+            m = keras.Sequential([keras.Input(shape[1:]), layer])
+            m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            return m
+
+        ours = model(keras_bn.BatchNormalization(**cfg))
+        core = model(keras.layers.BatchNormalization(**cfg))
+        _randomize(ours.layers[0], rng)
+        core.set_weights(ours.get_weights())
+        for m in (ours, core):
+            m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        for a, b in zip(ours.weights, core.weights):
+            self.assertAllClose(a, b, msg=a.name)
+
+    def test_config_and_weights_move_between_core_and_ours(self):
+        core = keras.layers.BatchNormalization(
+            axis=1, momentum=0.9, epsilon=1e-4, center=False
+        )
+        ours = keras_bn.BatchNormalization.from_config(core.get_config())
+        x = _rng(4).normal(2, 3, (4, 3, 5)).astype("float32")
+        core.build(x.shape)
+        ours.build(x.shape)
+        _randomize(core, _rng(5))
+        ours.set_weights(core.get_weights())
+        self.assertAllClose(ours(x), core(x))
+        self.assertAllClose(ours(x, training=True), core(x, training=True))
+
+    @pytest.mark.skipif(
+        not TF or keras.__version__ < "3", reason="tf-keras needs TensorFlow"
+    )
+    @parameterized.named_parameters(
+        ("ghost", {"virtual_batch_size": 4}, (16, 3)),
+        ("axes_list", {"axis": [1, 3]}, (4, 3, 2, 5)),
+    )
+    def test_tf_keras_features(self, cfg, shape):
+        tf_keras = pytest.importorskip("tf_keras")
+        rng = _rng(6)
+        ours = keras_bn.BatchNormalization(momentum=0.8, **cfg)
+        theirs = tf_keras.layers.BatchNormalization(
+            momentum=0.8, fused=False, **cfg
+        )
+        ours.build(shape)
+        theirs.build(shape)
+        _randomize(ours, rng)
+        theirs.set_weights(
+            [np.reshape(w, v.shape) for w, v in
+             zip(ours.get_weights(), theirs.weights)]
+        )
+        # tf-keras groups examples j, j + G, j + 2G, ... (G groups); keras_bn
+        # groups consecutive examples. Interleave tf-keras's input to match.
+        size = cfg.get("virtual_batch_size", shape[0])
+
+        def interleave(a):
+            a = np.asarray(a)
+            groups = a.reshape((-1, size) + a.shape[1:])
+            return np.swapaxes(groups, 0, 1).reshape(a.shape)
+
+        def deinterleave(a):
+            a = np.asarray(a)
+            groups = a.reshape((size, -1) + a.shape[1:])
+            return np.swapaxes(groups, 0, 1).reshape(a.shape)
+
+        for step in range(3):
+            x = rng.normal(step, 2.0, shape).astype("float32")
+            self.assertAllClose(
+                ours(x, training=True),
+                deinterleave(theirs(interleave(x), training=True)),
+            )
+        for a, b in zip(ours.weights, theirs.weights):
+            self.assertAllClose(np.reshape(b.numpy(), a.shape), a)
+
+
+class LayerHarnessTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
         ("default", {}, (8, 4), 2, 2),
         ("axis_1", {"axis": 1}, (8, 3, 5), 2, 2),
@@ -18,6 +314,7 @@ class BatchNormalizationLayerTest(test_case.LayerTestCase):
         ("ghost_remainder", {"virtual_batch_size": 3}, (8, 6), 2, 2),
         ("cumulative", {"momentum": None}, (8, 4), 2, 3),
         ("no_affine", {"center": False, "scale": False}, (8, 4), 0, 2),
+        ("synchronized", {"synchronized": True}, (8, 4), 2, 2),
     )
     def test_layer(self, kwargs, shape, trainable, non_trainable):
         self.run_layer_test(
@@ -27,3 +324,397 @@ class BatchNormalizationLayerTest(test_case.LayerTestCase):
             expected_num_trainable_weights=trainable,
             expected_num_non_trainable_weights=non_trainable,
         )
+
+
+class SemanticsTest(test_case.LayerTestCase):
+    def _layer(self, shape, **kwargs):
+        layer = keras_bn.BatchNormalization(**kwargs)
+        layer.build(shape)
+        _randomize(layer, _rng(7))
+        return layer
+
+    def test_trainable_false_is_inference_mode(self):
+        x = _rng(8).normal(3, 2, (16, 4)).astype("float32")
+        layer = self._layer(x.shape)
+        before = [keras.ops.convert_to_numpy(w) for w in layer.weights]
+        expected = layer(x, training=False)
+        layer.trainable = False
+        self.assertAllClose(layer(x, training=True), expected)
+        model = keras.Sequential([keras.Input((4,)), layer])
+        model.compile(optimizer="sgd", loss="mse")
+        model.fit(x, x, epochs=1, batch_size=8, verbose=0)
+        for a, b in zip(layer.weights, before):
+            self.assertAllClose(a, b, atol=0, rtol=0)
+
+    def test_inference_does_not_update(self):
+        x = _rng(9).normal(3, 2, (16, 4)).astype("float32")
+        layer = self._layer(x.shape)
+        before = layer.get_weights()
+        layer(x, training=False)
+        layer(x)
+        for a, b in zip(layer.get_weights(), before):
+            self.assertAllClose(a, b, atol=0, rtol=0)
+
+    @parameterized.named_parameters(
+        ("plain", {}), ("ghost", {"virtual_batch_size": 2}),
+        ("cumulative", {"momentum": None}),
+    )
+    def test_all_masked_batch_leaves_statistics(self, kwargs):
+        x = _rng(10).normal(3, 2, (4, 5, 3)).astype("float32")
+        layer = self._layer(x.shape, **kwargs)
+        before = layer.get_weights()
+        y = layer(x, training=True, mask=np.zeros((4, 5), bool))
+        self.assertTrue(np.all(np.isfinite(keras.ops.convert_to_numpy(y))))
+        for a, b in zip(layer.get_weights(), before):
+            self.assertAllClose(a, b, atol=0, rtol=0)
+
+    def test_empty_batch_leaves_statistics(self):
+        layer = self._layer((None, 3))
+        before = layer.get_weights()
+        y = layer(np.zeros((0, 3), "float32"), training=True)
+        self.assertEqual(tuple(y.shape), (0, 3))
+        for a, b in zip(layer.get_weights(), before):
+            self.assertAllClose(a, b, atol=0, rtol=0)
+
+    def test_batch_of_one(self):
+        x = _rng(11).normal(3, 2, (1, 4)).astype("float32")
+        layer = self._layer(x.shape, momentum=0.5)
+        beta = _named(layer, "beta")
+        moving_mean = _named(layer, "moving_mean")
+        moving_var = _named(layer, "moving_variance")
+        self.assertAllClose(layer(x, training=True)[0], beta)
+        self.assertAllClose(
+            layer.moving_mean, 0.5 * moving_mean + 0.5 * x[0]
+        )
+        self.assertAllClose(layer.moving_variance, 0.5 * moving_var)
+
+    @parameterized.parameters("mixed_float16", "mixed_bfloat16")
+    def test_float32_statistics_under_mixed_precision(self, policy):
+        # Squares of these values overflow float16, whose maximum is 65504.
+        x = _rng(12).normal(300.0, 30.0, (64, 4)).astype("float32")
+        layer = keras_bn.BatchNormalization(momentum=0.0, dtype=policy)
+        y = layer(x, training=True)
+        self.assertEqual(keras.backend.standardize_dtype(y.dtype), policy[6:])
+        for w in layer.weights:
+            self.assertEqual(w.dtype, "float32")
+        x_low = keras.ops.convert_to_numpy(
+            keras.ops.cast(keras.ops.cast(x, policy[6:]), "float32")
+        ).astype(np.float64)
+        self.assertAllClose(layer.moving_mean, x_low.mean(0), rtol=1e-5)
+        self.assertAllClose(layer.moving_variance, x_low.var(0), rtol=1e-4)
+        expected = (x_low - x_low.mean(0)) / np.sqrt(x_low.var(0) + 1e-3)
+        atol = 1e-2 if policy == "mixed_float16" else 4e-2
+        self.assertAllClose(
+            keras.ops.cast(y, "float32"), expected, atol=atol, rtol=0
+        )
+
+    def test_cumulative_average_continues_after_loading(self):
+        rng = _rng(13)
+        batches = [rng.normal(i, 1 + i, (8, 3)).astype("float32")
+                   for i in range(4)]
+        model = keras.Sequential(
+            [keras.Input((3,)), keras_bn.BatchNormalization(momentum=None)]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        for b in batches[:3]:
+            model.train_on_batch(b, np.zeros_like(b))
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "m.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+        loaded.train_on_batch(batches[3], np.zeros_like(batches[3]))
+        layer = loaded.layers[0]
+        self.assertEqual(int(keras.ops.convert_to_numpy(
+            layer.num_batches_tracked)), 4)
+        self.assertAllClose(
+            layer.moving_mean, np.mean([b.mean(0) for b in batches], 0)
+        )
+        self.assertAllClose(
+            layer.moving_variance, np.mean([b.var(0) for b in batches], 0)
+        )
+
+    def test_ghost_batches_normalize_each_group(self):
+        x = _rng(14).normal(0, 1, (12, 3)).astype("float32")
+        x[4:8] += 10.0
+        layer = keras_bn.BatchNormalization(
+            virtual_batch_size=4, center=False, scale=False, epsilon=1e-6
+        )
+        y = keras.ops.convert_to_numpy(layer(x, training=True))
+        for g in range(3):
+            self.assertAllClose(y[4 * g : 4 * g + 4].mean(0), 0, atol=1e-5)
+            self.assertAllClose(y[4 * g : 4 * g + 4].std(0), 1, atol=1e-3)
+
+
+class ErrorTest(parameterized.TestCase):
+    @parameterized.named_parameters(
+        ("momentum_high", {"momentum": 1.5}, "momentum=1.5"),
+        ("momentum_one", {"momentum": 1.0}, "momentum=1.0"),
+        ("momentum_negative", {"momentum": -0.1}, "momentum=-0.1"),
+        ("momentum_string", {"momentum": "x"}, "momentum=x"),
+        ("epsilon_zero", {"epsilon": 0.0}, "epsilon=0.0"),
+        ("epsilon_negative", {"epsilon": -1e-3}, "epsilon=-0.001"),
+        ("vbs_zero", {"virtual_batch_size": 0}, "virtual_batch_size=0"),
+        ("vbs_negative", {"virtual_batch_size": -4}, "virtual_batch_size=-4"),
+        ("vbs_float", {"virtual_batch_size": 2.5}, "virtual_batch_size=2.5"),
+        ("axis_repeated", {"axis": [1, 1]}, "axis=[1, 1]"),
+        ("axis_float", {"axis": 1.0}, "axis=1.0"),
+        ("axis_empty", {"axis": []}, "axis=[]"),
+        ("renorm", {"renorm": True}, "renorm=True"),
+    )
+    def test_construction(self, kwargs, message):
+        with self.assertRaisesRegex(ValueError, message.replace("[", r"\[")
+                                    .replace("]", r"\]").replace(".", r"\.")):
+            keras_bn.BatchNormalization(**kwargs)
+
+    @parameterized.named_parameters(
+        ("out_of_range", {"axis": 2}, (4, 3), "axis=2"),
+        ("out_of_range_negative", {"axis": -3}, (4, 3), "axis=-3"),
+        ("repeated_after_wrap", {"axis": [1, -1]}, (4, 3), r"axis=\[1, -1\]"),
+        ("unknown_size", {}, (4, None), "None"),
+        ("ghost_over_batch_axis", {"axis": 0, "virtual_batch_size": 2},
+         (4, 3), "virtual_batch_size=2"),
+    )
+    def test_build(self, kwargs, shape, message):
+        layer = keras_bn.BatchNormalization(**kwargs)
+        with self.assertRaisesRegex(ValueError, message):
+            layer.build(shape)
+
+    def test_mask_that_does_not_fit(self):
+        layer = keras_bn.BatchNormalization()
+        x = np.zeros((4, 5, 3), "float32")
+        with self.assertRaisesRegex(ValueError, r"mask.shape=\(4, 6\)"):
+            layer(x, training=True, mask=np.ones((4, 6), bool))
+        with self.assertRaisesRegex(ValueError, r"mask.shape=\(4,\)"):
+            layer(x, training=True, mask=np.ones((4,), bool))
+
+
+@requires_tf
+class GradientTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("plain", {}, None),
+        ("axis_1_ghost", {"axis": 1, "virtual_batch_size": 3}, None),
+        ("mask", {}, "sequence"),
+    )
+    def test_gradients_match_finite_differences(self, cfg, mask_kind):
+        import tensorflow as tf
+
+        rng = _rng(15)
+        shape = (5, 3, 2)
+        layer = keras_bn.BatchNormalization(dtype="float64", **cfg)
+        layer.build(shape)
+        _randomize(layer, rng)
+        x = rng.normal(1.0, 2.0, shape)
+        w = rng.normal(0.0, 1.0, shape)
+        mask = _mask_for(mask_kind, shape, rng)
+
+        def loss(x_value):
+            y = layer(x_value, training=True, mask=mask)
+            return tf.reduce_sum(y * w) + tf.reduce_sum(y**2) / 10
+
+        x_var = tf.Variable(x)
+        with tf.GradientTape() as tape:
+            value = loss(x_var)
+        grads = tape.gradient(value, [x_var, layer.gamma, layer.beta])
+
+        def numeric(var):
+            base = var.numpy().copy()
+            out = np.zeros(base.size)
+            for i in range(base.size):
+                for sign in (1.0, -1.0):
+                    bumped = base.reshape(-1).copy()
+                    bumped[i] += sign * 1e-6
+                    var.assign(bumped.reshape(base.shape))
+                    out[i] += sign * float(loss(x_var)) / 2e-6
+            var.assign(base)
+            return out.reshape(base.shape)
+
+        self.assertAllClose(grads[0], numeric(x_var), atol=1e-6)
+        self.assertAllClose(grads[1], numeric(layer.gamma), atol=1e-6)
+        self.assertAllClose(grads[2], numeric(layer.beta), atol=1e-6)
+
+
+@requires_tf
+class XLATest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("plain", {}, (16, 4), None),
+        ("mask", {}, (8, 5, 3), "sequence"),
+        ("axes_ghost_remainder", {"axis": [1, 2], "virtual_batch_size": 3},
+         (8, 2, 3), None),
+        ("cumulative", {"momentum": None}, (16, 4), None),
+    )
+    def test_jit_compile_equals_eager(self, cfg, shape, mask_kind):
+        import tensorflow as tf
+
+        rng = _rng(16)
+        eager = keras_bn.BatchNormalization(**cfg)
+        compiled = keras_bn.BatchNormalization(**cfg)
+        eager.build(shape)
+        compiled.build(shape)
+        _randomize(eager, rng)
+        compiled.set_weights(eager.get_weights())
+        step = tf.function(
+            lambda x, m: compiled(x, training=True, mask=m), jit_compile=True
+        )
+        for i in range(3):
+            x = rng.normal(i, 2.0, shape).astype("float32")
+            mask = _mask_for(mask_kind, shape, rng)
+            mask = np.ones(x.shape, bool) if mask is None else mask
+            self.assertAllClose(
+                step(x, mask), eager(x, training=True, mask=mask)
+            )
+        for a, b in zip(compiled.weights, eager.weights):
+            self.assertAllClose(a, b, msg=a.name)
+
+    @parameterized.named_parameters(
+        ("plain", {}), ("ghost", {"virtual_batch_size": 4}),
+        ("cumulative", {"momentum": None}),
+    )
+    def test_fit_with_jit_compile_equals_eager(self, cfg):
+        rng = _rng(17)
+        x = rng.normal(1.0, 2.0, (32, 4, 3)).astype("float32")
+        y = rng.normal(0.0, 1.0, (32, 4)).astype("float32")
+
+        def model(jit):
+            m = keras.Sequential([
+                keras.Input((4, 3)),
+                keras.layers.Dense(4),
+                keras_bn.BatchNormalization(**cfg),
+                keras.layers.GlobalAveragePooling1D(),
+            ])
+            m.compile(
+                optimizer=keras.optimizers.SGD(0.1), loss="mse",
+                jit_compile=jit, run_eagerly=not jit,
+            )
+            return m
+
+        compiled, eager = model(True), model(False)
+        compiled.set_weights(eager.get_weights())
+        for m in (compiled, eager):
+            m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        for a, b in zip(compiled.weights, eager.weights):
+            self.assertAllClose(a, b, atol=1e-5, rtol=1e-4, msg=a.path)
+
+
+_STRATEGIES = {}
+
+
+def mirrored_strategy():
+    """One strategy per process: TensorFlow's collective keys restart with
+    every new strategy, so a second one can collide with the first's."""
+    if "mirrored" not in _STRATEGIES:
+        import tensorflow as tf
+
+        _STRATEGIES["mirrored"] = tf.distribute.MirroredStrategy(
+            ["CPU:0", "CPU:1"]
+        )
+    return _STRATEGIES["mirrored"]
+
+
+@requires_tf
+class MirroredStrategyTest(test_case.LayerTestCase):
+    def _run(self, strategy, cfg, x, mask, steps=2):
+        import tensorflow as tf
+
+        with strategy.scope():
+            layer = keras_bn.BatchNormalization(**cfg)
+            layer.build(x.shape)
+        layer.set_weights(self._weights)
+        dataset = tf.data.Dataset.from_tensors((x, mask))
+        dist = strategy.experimental_distribute_dataset(dataset)
+
+        @tf.function
+        def step(batch):
+            return strategy.run(
+                lambda b: layer(b[0], training=True, mask=b[1]), args=(batch,)
+            )
+
+        for _ in range(steps):
+            for batch in dist:
+                out = step(batch)
+        out = np.concatenate(
+            [o.numpy() for o in strategy.experimental_local_results(out)]
+        )
+        return out, layer
+
+    def _strategy(self):
+        return mirrored_strategy()
+
+    @parameterized.named_parameters(
+        ("plain", {}, None),
+        ("mask", {}, "sequence"),
+        ("ghost", {"virtual_batch_size": 2}, None),
+        ("ghost_mask", {"virtual_batch_size": 2}, "sequence"),
+        ("axes_cumulative", {"axis": [1, 2], "momentum": None}, None),
+    )
+    def test_synchronized_equals_global_batch(self, cfg, mask_kind):
+        import tensorflow as tf
+
+        rng = _rng(18)
+        shape = (8, 3, 4)
+        x = rng.normal(0, 1, shape).astype("float32")
+        x[4:] += 3.0  # the two replicas' halves differ
+        mask = _mask_for(mask_kind, shape, rng)
+        mask = np.ones(shape[:-1], bool) if mask is None else mask
+        cfg = dict(cfg, momentum=cfg.get("momentum", 0.5))
+        probe = keras_bn.BatchNormalization(**cfg)
+        probe.build(shape)
+        _randomize(probe, rng)
+        self._weights = probe.get_weights()
+        one_device = tf.distribute.OneDeviceStrategy("CPU:0")
+        expected, single = self._run(
+            one_device, dict(cfg, synchronized=True), x, mask
+        )
+        got, synced = self._run(
+            self._strategy(), dict(cfg, synchronized=True), x, mask
+        )
+        self.assertAllClose(got, expected)
+        for a, b in zip(synced.weights, single.weights):
+            self.assertAllClose(a, b, msg=a.name)
+
+    def test_unsynchronized_uses_replica_statistics(self):
+        rng = _rng(19)
+        shape = (8, 3)
+        x = rng.normal(0, 1, shape).astype("float32")
+        x[4:] = 3.0 * x[4:] + 5.0
+        cfg = {"momentum": 0.5, "center": False, "scale": False}
+        probe = keras_bn.BatchNormalization(**cfg)
+        probe.build(shape)
+        self._weights = probe.get_weights()
+        got, layer = self._run(
+            self._strategy(), cfg, x, np.ones(shape[:-1], bool), steps=1
+        )
+        halves = (x[:4].astype(np.float64), x[4:].astype(np.float64))
+        expected = np.concatenate(
+            [(h - h.mean(0)) / np.sqrt(h.var(0) + 1e-3) for h in halves]
+        )
+        self.assertAllClose(got, expected, atol=1e-5)
+        self.assertAllClose(
+            layer.moving_mean, np.mean([0.5 * h.mean(0) for h in halves], 0)
+        )
+        self.assertAllClose(
+            layer.moving_variance,
+            np.mean([0.5 + 0.5 * h.var(0) for h in halves], 0),
+        )
+
+    def test_fit_evaluate_predict_save_in_scope(self):
+        rng = _rng(20)
+        x = rng.normal(0, 1, (32, 5)).astype("float32")
+        y = (x.sum(1) > 0).astype("float32")
+        with self._strategy().scope():
+            model = keras.Sequential([
+                keras.Input((5,)),
+                keras.layers.Dense(8),
+                keras_bn.BatchNormalization(
+                    synchronized=True, virtual_batch_size=4
+                ),
+                keras.layers.Dense(1, activation="sigmoid"),
+            ])
+            model.compile(optimizer="adam", loss="binary_crossentropy")
+            model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+            model.evaluate(x, y, verbose=0)
+            expected = model.predict(x, verbose=0)
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "m.keras")
+                model.save(path)
+                loaded = keras.saving.load_model(path)
+            self.assertAllClose(loaded.predict(x, verbose=0), expected)
