@@ -23,7 +23,7 @@ def statistics_dtype(dtype):
     return backend.result_type(dtype, "float32")
 
 
-def _replica_context():
+def replica_context():
     """The TensorFlow replica context when there is more than one replica.
 
     Returns `None` outside `tf.distribute` (or with a single replica) and on
@@ -43,7 +43,7 @@ def _replica_context():
 
 def cross_replica_sum(tensors):
     """Sums each tensor of the list over all replicas (one collective)."""
-    ctx = _replica_context()
+    ctx = replica_context()
     if ctx is None:
         return tensors
     import tensorflow as tf
@@ -79,7 +79,7 @@ def moments(x, axes, mask=None, synchronized=False):
         `(mean, variance, count)`, each with `keepdims=True`; `count` is a
         scalar when there is no mask.
     """
-    ctx = _replica_context() if synchronized else None
+    ctx = replica_context() if synchronized else None
     if mask is None and ctx is None:
         mean = ops.mean(x, axis=axes, keepdims=True)
         variance = ops.mean(
@@ -203,3 +203,56 @@ def assign_moving_average(variable, value, decay, valid):
         ops.logical_not(ops.isfinite(new)),
     )
     variable.assign(ops.cast(ops.where(keep, old, new), variable.dtype))
+
+
+def bias_corrected_decay(momentum, updates):
+    """The decay that makes `assign_moving_average` bias-corrected.
+
+    Updating with `decay = momentum * (1 - momentum**n) / (1 -
+    momentum**(n + 1))`, where `n` counts the earlier updates, keeps the
+    moving value after `N` updates at
+
+        sum_k (1 - momentum) * momentum**(N - k) * value_k / (1 - momentum**N)
+
+    (Adam's bias-corrected average): the first update replaces the initial
+    value, and the weights of the values seen so far always sum to one.
+
+    Args:
+        momentum: Python float in `[0, 1)`.
+        updates: Float tensor, the number of earlier updates `n`.
+    """
+    power = ops.power(ops.cast(momentum, updates.dtype), updates)
+    return momentum * (1.0 - power) / (1.0 - power * momentum)
+
+
+def combine_steps(mean, variance, count, num_slots):
+    """Per-step statistics gathered into `num_slots` slots, one per step.
+
+    Step `t` goes to slot `min(t, num_slots - 1)`, so the last slot also
+    receives every later step. A slot gets the equal-weight mean of the
+    statistics of its steps that counted any element.
+
+    Args:
+        mean, variance: Tensors of shape `(steps, features)`.
+        count: Tensor broadcastable to `(steps, 1)`, the elements behind each
+            step's statistics.
+        num_slots: Python int.
+
+    Returns:
+        `(mean, variance, valid)`: `(num_slots, features)` statistics and,
+        of shape `(num_slots, 1)`, the number of steps that contributed.
+    """
+    steps = ops.shape(mean)[0]
+    slots = ops.minimum(ops.arange(steps), num_slots - 1)
+    valid = ops.cast(ops.greater(count, 0.0), mean.dtype)
+    valid = ops.broadcast_to(ops.reshape(valid, (-1, 1)), (steps, 1))
+    # (slots, steps): which steps each slot averages.
+    weights = ops.transpose(ops.one_hot(slots, num_slots, dtype=mean.dtype))
+    weights = weights * ops.transpose(valid)
+    valid = ops.sum(weights, axis=1, keepdims=True)
+    safe = ops.maximum(valid, 1.0)
+    return (
+        ops.matmul(weights, mean) / safe,
+        ops.matmul(weights, variance) / safe,
+        valid,
+    )

@@ -105,6 +105,15 @@ class BatchNormalization(layers.Layer):
         virtual_batch_size: Positive integer, the size of the ghost batches
             that training statistics are computed over, or `None` to use the
             whole batch. Defaults to `None`.
+        fused: Whether to run through TensorFlow's fused batch-normalization
+            kernel, which is faster on the TensorFlow backend. `None` uses
+            it wherever it gives the same results: the last axis alone, no
+            ghost batches, `epsilon >= 1.001e-5`, and in training no mask,
+            no cross-replica synchronization in progress and no subclass
+            correction; `True` raises a `ValueError` at build time if the
+            layer's configuration rules it out; `False` never uses it. The
+            results are the same either way, up to float rounding. Defaults
+            to `None`.
         renorm, renorm_clipping, renorm_momentum: Accepted for compatibility
             with `keras.layers.BatchNormalization`; batch renormalization is
             provided by `keras_bn.BatchRenormalization`. Default to `False`,
@@ -161,6 +170,7 @@ class BatchNormalization(layers.Layer):
         renorm_momentum=0.99,
         synchronized=False,
         virtual_batch_size=None,
+        fused=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -195,6 +205,12 @@ class BatchNormalization(layers.Layer):
         self.virtual_batch_size = _validate_virtual_batch_size(
             virtual_batch_size
         )
+        if fused not in (None, True, False):
+            raise ValueError(
+                "Argument `fused` must be True, False or None. Received: "
+                f"fused={fused}"
+            )
+        self.fused = fused
         self.supports_masking = True
 
         self.gamma = None
@@ -258,14 +274,19 @@ class BatchNormalization(layers.Layer):
         self.input_spec = layers.InputSpec(
             ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
         )
+        self._fused = self._resolve_fused(len(input_shape))
 
     def compute_output_shape(self, input_shape):
         return input_shape
 
     def call(self, inputs, training=None, mask=None):
+        mask = self._standardize_mask(mask, inputs)
+        training = bool(training and self.trainable)
+        if self._can_fuse(inputs, mask, training):
+            outputs = _fused_batch_normalization(self, inputs, training)
+            return ops.cast(outputs, self.compute_dtype)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
-        mask = self._standardize_mask(mask, x)
-        if training and self.trainable:
+        if training:
             outputs = self._train_step(x, mask)
         else:
             scale, offset = self._affine(
@@ -296,8 +317,49 @@ class BatchNormalization(layers.Layer):
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
             "virtual_batch_size": self.virtual_batch_size,
+            "fused": self.fused,
         }
         return {**super().get_config(), **config}
+
+    def _resolve_fused(self, rank):
+        """Whether TensorFlow's fused kernel can serve this layer.
+
+        The kernel normalizes the last axis with the statistics of the
+        batch (training) or given ones (inference); it cannot split ghost
+        batches, and TensorFlow raises epsilons below 1.001e-5. Subclasses
+        that correct the batch-normalized value (`_batch_affine`) use it for
+        inference only.
+        """
+        reasons = []
+        if backend.backend() != "tensorflow":
+            reasons.append(f"the backend is {backend.backend()}")
+        if self._axes != [rank - 1]:
+            reasons.append(f"axis={self.axis} is not the last axis only")
+        if self.virtual_batch_size is not None:
+            reasons.append("virtual_batch_size is set")
+        if self.epsilon < 1.001e-5:
+            reasons.append("epsilon is below 1.001e-5")
+        if reasons and self.fused:
+            raise ValueError(
+                "Argument `fused=True` needs TensorFlow's fused kernel, which "
+                f"cannot serve this layer: {'; '.join(reasons)}. Received: "
+                f"fused={self.fused}, axis={self.axis}, "
+                f"virtual_batch_size={self.virtual_batch_size}, "
+                f"epsilon={self.epsilon}"
+            )
+        return self.fused is not False and not reasons
+
+    def _can_fuse(self, inputs, mask, training):
+        dtype = backend.standardize_dtype(inputs.dtype)
+        if not self._fused or dtype not in _FUSED_DTYPES:
+            return False
+        if not training:
+            return True
+        return (
+            mask is None
+            and type(self)._batch_affine is BatchNormalization._batch_affine
+            and not (self.synchronized and _statistics.replica_context())
+        )
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -412,6 +474,39 @@ class BatchNormalization(layers.Layer):
                 f"{tuple(x.shape)}"
             )
         return mask
+
+
+_FUSED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _fused_batch_normalization(layer, inputs, training):
+    """`layer`'s call through TensorFlow's fused batch-normalization kernel.
+
+    One kernel forward and one backward instead of a chain of element-wise
+    ops and reductions; half-precision inputs are read as they are, with
+    statistics accumulated in float32 inside the kernel.
+    """
+    import tensorflow as tf
+
+    channels = layer._param_shape[0]
+    x = tf.reshape(inputs, (-1, 1, 1, channels))
+    gamma = tf.ones(channels) if layer.gamma is None else layer.gamma
+    beta = tf.zeros(channels) if layer.beta is None else layer.beta
+    if training:
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, epsilon=layer.epsilon, is_training=True
+        )
+        # The kernel returns the unbiased variance; Keras keeps the biased.
+        count = tf.cast(tf.shape(x)[0], variance.dtype)
+        variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
+        layer._update_moving_statistics(mean, variance, count)
+    else:
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, gamma, beta, mean=layer.moving_mean,
+            variance=layer.moving_variance, epsilon=layer.epsilon,
+            is_training=False,
+        )
+    return tf.reshape(y, tf.shape(inputs))
 
 
 def _validate_axis(axis):

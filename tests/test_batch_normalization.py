@@ -718,3 +718,90 @@ class MirroredStrategyTest(test_case.LayerTestCase):
                 model.save(path)
                 loaded = keras.saving.load_model(path)
             self.assertAllClose(loaded.predict(x, verbose=0), expected)
+
+
+@requires_tf
+class FusedPathTest(test_case.LayerTestCase):
+    """TensorFlow's fused kernel and the keras.ops path give equal numbers."""
+
+    @parameterized.named_parameters(
+        ("dense", {}, (16, 4), "float32"),
+        ("sequence", {"momentum": 0.5}, (4, 6, 3), "float32"),
+        ("image_no_affine", {"center": False, "scale": False},
+         (2, 3, 3, 4), "float32"),
+        ("cumulative", {"momentum": None}, (16, 4), "float32"),
+        ("batch_of_one", {"momentum": 0.5}, (1, 4), "float32"),
+        ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16"),
+        ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16"),
+    )
+    def test_fused_equals_ops_path(self, cfg, shape, dtype):
+        import tensorflow as tf
+
+        rng = _rng(21)
+        layers = [
+            keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
+            for fused in (True, False)
+        ]
+        for layer in layers:
+            layer.build(shape)
+        _randomize(layers[0], rng)
+        layers[1].set_weights(layers[0].get_weights())
+        loose = dtype != "float32"
+        for step in range(3):
+            x = rng.normal(step, 2.0, shape).astype("float32")
+            w = rng.normal(0.0, 1.0, shape).astype("float32")
+            results = []
+            for layer in layers:
+                with tf.GradientTape() as tape:
+                    xt = tf.constant(x)
+                    tape.watch(xt)
+                    y = tf.cast(layer(xt, training=True), "float32")
+                    loss = tf.reduce_sum(y * w)
+                grads = tape.gradient(loss, [xt] + layer.trainable_weights)
+                results.append([y] + grads)
+            for a, b in zip(*results):
+                self.assertAllClose(
+                    a, b, atol=5e-2 if loose else 1e-4,
+                    rtol=5e-2 if loose else 1e-4,
+                )
+        for a, b in zip(*(layer.weights for layer in layers)):
+            self.assertAllClose(a, b, atol=1e-5, rtol=1e-5, msg=a.name)
+        x = rng.normal(0.0, 3.0, shape).astype("float32")
+        self.assertAllClose(
+            keras.ops.cast(layers[0](x), "float32"),
+            keras.ops.cast(layers[1](x), "float32"),
+            atol=1e-2 if loose else 1e-5,
+        )
+
+    def test_fused_under_jit_compile_equals_eager(self):
+        import tensorflow as tf
+
+        rng = _rng(22)
+        shape = (4, 5, 5, 3)
+        eager, compiled = (keras_bn.BatchNormalization() for _ in range(2))
+        for layer in (eager, compiled):
+            layer.build(shape)
+        _randomize(eager, rng)
+        compiled.set_weights(eager.get_weights())
+        step = tf.function(
+            lambda x: compiled(x, training=True), jit_compile=True
+        )
+        for i in range(3):
+            x = rng.normal(i, 2.0, shape).astype("float32")
+            self.assertAllClose(step(x), eager(x, training=True))
+        for a, b in zip(compiled.weights, eager.weights):
+            self.assertAllClose(a, b, msg=a.name)
+
+    @parameterized.named_parameters(
+        ("not_last_axis", {"axis": 1}, "axis=1"),
+        ("ghost", {"virtual_batch_size": 2}, "virtual_batch_size=2"),
+        ("small_epsilon", {"epsilon": 1e-6}, "epsilon=1e-06"),
+    )
+    def test_fused_true_that_cannot_fuse(self, cfg, message):
+        layer = keras_bn.BatchNormalization(fused=True, **cfg)
+        with self.assertRaisesRegex(ValueError, message):
+            layer.build((4, 3, 2))
+
+    def test_fused_must_be_boolean_or_none(self):
+        with self.assertRaisesRegex(ValueError, "fused=yes"):
+            keras_bn.BatchNormalization(fused="yes")
