@@ -1,5 +1,6 @@
 """Batch normalization, a drop-in for `keras.layers.BatchNormalization`."""
 
+import inspect
 import numbers
 
 from keras import backend
@@ -114,10 +115,10 @@ class BatchNormalization(layers.Layer):
             layer's configuration rules it out; `False` never uses it. The
             results are the same either way, up to float rounding. Defaults
             to `None`.
-        renorm, renorm_clipping, renorm_momentum: Accepted for compatibility
-            with `keras.layers.BatchNormalization`; batch renormalization is
-            provided by `keras_bn.BatchRenormalization`. Default to `False`,
-            `None` and `0.99`.
+        renorm, renorm_clipping, renorm_momentum: As in
+            `keras.layers.BatchNormalization`: `renorm=True` constructs a
+            `keras_bn.BatchRenormalization` with these arguments (see there).
+            Default to `False`, `None` and `0.99`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -149,6 +150,15 @@ class BatchNormalization(layers.Layer):
     - [Hoffer et al., 2017](https://arxiv.org/abs/1705.08741) (ghost
       batches).
     """
+
+    def __new__(cls, *args, **kwargs):
+        # `BatchNormalization(renorm=True, ...)` builds the renormalizing
+        # subclass, so core Keras code and configs move over unchanged.
+        if cls is BatchNormalization and _asks_for_renorm(args, kwargs):
+            from keras_bn.batch_renormalization import BatchRenormalization
+
+            cls = BatchRenormalization
+        return super().__new__(cls, *args, **kwargs)
 
     def __init__(
         self,
@@ -191,9 +201,9 @@ class BatchNormalization(layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         if renorm:
             raise ValueError(
-                "keras_bn.BatchNormalization does not do batch "
-                "renormalization; use keras_bn.BatchRenormalization with the "
-                "same arguments. Received: renorm=True"
+                f"{type(self).__name__} does not do batch renormalization; "
+                "subclass keras_bn.BatchRenormalization instead. Received: "
+                "renorm=True"
             )
         if synchronized and backend.backend() not in ("tensorflow", "jax"):
             raise ValueError(
@@ -477,6 +487,16 @@ class BatchNormalization(layers.Layer):
 
 
 _FUSED_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _asks_for_renorm(args, kwargs):
+    try:
+        bound = inspect.signature(BatchNormalization.__init__).bind(
+            None, *args, **kwargs
+        )
+    except TypeError:
+        return False  # `__init__` reports the bad arguments.
+    return bool(bound.arguments.get("renorm", False))
 
 
 def _fused_batch_normalization(layer, inputs, training):

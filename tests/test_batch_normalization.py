@@ -247,6 +247,21 @@ class CoreKerasEquivalenceTest(test_case.LayerTestCase):
         for a, b in zip(ours.weights, core.weights):
             self.assertAllClose(a, b, msg=a.name)
 
+    @parameterized.named_parameters(
+        ("keyword", (), {"renorm": True}),
+        ("positional", (-1, 0.9, 1e-3, True, True, "zeros", "ones", "zeros",
+                        "ones", None, None, None, None, True), {}),
+    )
+    def test_renorm_true_builds_batch_renormalization(self, args, kwargs):
+        layer = keras_bn.BatchNormalization(*args, **kwargs)
+        self.assertIsInstance(layer, keras_bn.BatchRenormalization)
+        core = keras.layers.BatchNormalization(
+            renorm=True, renorm_clipping={"rmax": 2.0}
+        )
+        revived = keras_bn.BatchNormalization.from_config(core.get_config())
+        self.assertIsInstance(revived, keras_bn.BatchRenormalization)
+        self.assertEqual(revived.renorm_clipping, {"rmax": 2.0})
+
     def test_config_and_weights_move_between_core_and_ours(self):
         core = keras.layers.BatchNormalization(
             axis=1, momentum=0.9, epsilon=1e-4, center=False
@@ -459,7 +474,6 @@ class ErrorTest(parameterized.TestCase):
         ("axis_repeated", {"axis": [1, 1]}, "axis=[1, 1]"),
         ("axis_float", {"axis": 1.0}, "axis=1.0"),
         ("axis_empty", {"axis": []}, "axis=[]"),
-        ("renorm", {"renorm": True}, "renorm=True"),
     )
     def test_construction(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message.replace("[", r"\[")
