@@ -1,0 +1,155 @@
+"""Tests of benchmarks/run.py: it runs and reports sound numbers.
+
+Speed is never asserted: the numbers depend on the machine and its load.
+"""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import pytest
+from absl.testing import parameterized
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RUN = REPO / "benchmarks" / "run.py"
+POLICIES = ("float32", "mixed_float16")
+# The byte model documented in benchmarks/README.md, in passes over the
+# activation tensor.
+PASSES = {"train": 8, "inference": 2}
+ITEMSIZE = {"float32": 4, "mixed_float16": 2}
+
+
+def run_benchmark(*args, timeout):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH")) if p
+    )
+    return subprocess.run(
+        [sys.executable, str(RUN), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        cwd=REPO,
+    )
+
+
+def positive_finite(value):
+    return (
+        isinstance(value, float) and math.isfinite(value) and value > 0.0
+    )
+
+
+class BenchmarkTest(parameterized.TestCase):
+    def run_to_report(self, *args, timeout):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        out = pathlib.Path(tmp.name, "bench")
+        result = run_benchmark(*args, "--out", str(out), timeout=timeout)
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        report = json.loads((out / "results.json").read_text())
+        self.assertEqual((out / "results.md").read_text(), result.stdout)
+        return report, result.stdout
+
+    def assertSoundTimings(self, row, repeats):
+        for implementation in ("core", "keras_bn"):
+            timing = row[implementation]
+            msg = f"{row['name']} ({implementation}): {timing}"
+            self.assertLen(timing["times_s"], repeats, msg)
+            for value in timing["times_s"]:
+                self.assertTrue(positive_finite(value), msg)
+            for key in ("median_s", "min_s", "first_call_s"):
+                self.assertTrue(positive_finite(timing[key]), msg)
+            self.assertLessEqual(timing["min_s"], timing["median_s"], msg)
+        self.assertTrue(positive_finite(row["ratio"]), row["name"])
+
+    @pytest.mark.slow
+    def test_quick_run_reports_every_row(self):
+        report, table = self.run_to_report("--quick", timeout=600)
+        self.assertTrue(report["quick"])
+        self.assertEqual(report["repeats"], 2)
+        self.assertTrue(positive_finite(report["copy_bandwidth_bytes_per_s"]))
+
+        rows = report["results"]
+        self.assertNotEmpty(rows)
+        for row in rows:
+            self.assertSoundTimings(row, repeats=2)
+            expected = row["core"]["median_s"] / row["keras_bn"]["median_s"]
+            self.assertAlmostEqual(row["ratio"], expected)
+            self.assertIn(f"| {row['pair']} | {tuple(row['shape'])} ", table)
+
+        # The BatchNormalization grids are always there, whatever other
+        # layers exist yet.
+        grid = {
+            (policy, jit, step)
+            for policy in POLICIES
+            for jit in (False, True)
+            for step in PASSES
+        }
+        for pair in ("BatchNormalization", "BatchNormalization(fused=False)"):
+            self.assertEqual(
+                {
+                    (r["policy"], r["jit_compile"], r["step"])
+                    for r in rows
+                    if r["pair"] == pair
+                },
+                grid,
+            )
+
+        for row in rows:
+            if row["pair"] not in ("LSTM", "GRU"):
+                self.assertEqual(
+                    row["floor_bytes"],
+                    PASSES[row["step"]]
+                    * math.prod(row["shape"])
+                    * ITEMSIZE[row["policy"]],
+                )
+                for implementation in ("core", "keras_bn"):
+                    fraction = row[implementation]["floor_fraction"]
+                    self.assertTrue(positive_finite(fraction), row["name"])
+                    self.assertAlmostEqual(
+                        fraction,
+                        row["floor_bytes"]
+                        / row[implementation]["median_s"]
+                        / report["copy_bandwidth_bytes_per_s"],
+                    )
+            else:
+                self.assertIsNone(row["floor_bytes"], row["name"])
+
+    @pytest.mark.slow
+    def test_only_filters_rows(self):
+        pattern = "^BatchNormalization .* float32 graph inference$"
+        report, _ = self.run_to_report(
+            "--quick", "--only", pattern, "--repeats", "3", "--warmup", "0",
+            timeout=300,
+        )
+        self.assertEqual(
+            [r["name"] for r in report["results"]],
+            ["BatchNormalization (4, 4, 4, 8) float32 graph inference"],
+        )
+        self.assertSoundTimings(report["results"][0], repeats=3)
+
+    @parameterized.named_parameters(
+        ("zero_repeats", ["--repeats", "0"], "--repeats", "Received: 0"),
+        ("negative_warmup", ["--warmup", "-1"], "--warmup", "Received: -1"),
+        ("bad_regex", ["--only", "(xla"], "--only", "Received: (xla"),
+    )
+    def test_bad_input_is_a_one_line_error(self, args, option, received):
+        result = run_benchmark(*args, timeout=60)
+        self.assertEqual(result.returncode, 2, msg=result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        last_line = result.stderr.strip().splitlines()[-1]
+        self.assertStartsWith(last_line, "run.py: error: ")
+        self.assertIn(option, last_line)
+        self.assertIn(received, last_line)
+
+    @pytest.mark.slow
+    def test_only_matching_nothing_is_an_error(self):
+        result = run_benchmark("--quick", "--only", "NoSuchLayer", timeout=300)
+        self.assertEqual(result.returncode, 2, msg=result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertIn("Received: ['NoSuchLayer']", result.stderr)
