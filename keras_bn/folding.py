@@ -1,0 +1,230 @@
+"""Folding batch normalization into the preceding layer for inference."""
+
+import keras
+import numpy as np
+from keras.src.models.functional import Functional
+
+from keras_bn.batch_normalization import BatchNormalization
+
+# The layers a following batch normalization can be folded into: each
+# computes `x @ kernel + bias` (or a convolution) with one output channel per
+# position on the last axis of its kernel (a depthwise kernel's last two).
+_FOLDABLE_TYPES = (
+    keras.layers.Dense,
+    keras.layers.Conv1D,
+    keras.layers.Conv2D,
+    keras.layers.Conv3D,
+    keras.layers.DepthwiseConv2D,
+)
+
+
+def fold_batch_normalization(model):
+    """Returns a copy of `model` with batch normalization folded away.
+
+    In inference, batch normalization is an affine map per channel,
+
+        y = gamma * (z - moving_mean) / sqrt(moving_variance + epsilon)
+            + beta,
+
+    so when `z = conv(x, kernel) + bias` comes from a linear layer, both
+    fold into one layer with
+
+        s = gamma / sqrt(moving_variance + epsilon)
+        kernel' = kernel * s    (per output channel)
+        bias' = (bias - moving_mean) * s + beta.
+
+    Every `keras.layers.BatchNormalization` or keras_bn batch normalization
+    that directly follows a `Dense`, `Conv1D`, `Conv2D`, `Conv3D` or
+    `DepthwiseConv2D` layer is folded into it when that layer has no
+    activation, is called once and has the batch normalization as its only
+    consumer (its output is no model output either), and when the batch
+    normalization normalizes that layer's channel axis only (`axis=-1`, or
+    `axis=1` after `data_format="channels_first"`). All other layers are
+    copied unchanged, with their weights; nested Sequential and Functional
+    models are folded the same way. Core layers with `renorm=True` are left
+    as they are.
+
+    The copy is for inference: in inference mode its outputs equal the
+    original's up to float rounding (the folded weights are computed in
+    float64), while in training mode it no longer normalizes. It is not
+    compiled.
+
+    Args:
+        model: A built Sequential or Functional model.
+
+    Returns:
+        The pair `(folded_model, folded)` of the new model and the list of
+        `(layer_name, batch_normalization_name)` pairs that were folded;
+        the names of layers in nested models are prefixed with the nested
+        model's name and `/`.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> import keras_bn
+    >>> model = keras.Sequential([
+    ...     keras.Input((4,)), keras.layers.Dense(3, name="dense"),
+    ...     keras_bn.BatchNormalization(name="bn"),
+    ... ])
+    >>> folded_model, folded = keras_bn.fold_batch_normalization(model)
+    >>> folded
+    [('dense', 'bn')]
+    >>> x = np.ones((2, 4), "float32")
+    >>> bool(np.allclose(folded_model(x), model(x), atol=1e-6))
+    True
+    """
+    if not _is_graph_model(model) or not model.built:
+        raise ValueError(
+            "Argument `model` must be a built Sequential or Functional "
+            f"model. Received: model={model!r}"
+        )
+    if isinstance(model, keras.Sequential):
+        pairs = _sequential_pairs(model)
+    else:
+        pairs = _functional_pairs(model)
+    folded_bn = {id(bn) for _, bn in pairs}
+    producers = {id(producer): bn for producer, bn in pairs}
+    folded = []
+    copies = []
+
+    def clone_function(layer):
+        if _is_graph_model(layer):
+            inner, inner_folded = fold_batch_normalization(layer)
+            folded.extend(
+                (f"{layer.name}/{a}", f"{layer.name}/{b}")
+                for a, b in inner_folded
+            )
+            return inner
+        bn = producers.get(id(layer))
+        if bn is not None:
+            config = layer.get_config()
+            config["use_bias"] = True
+            new = layer.__class__.from_config(config)
+            copies.append((new, _folded_weights(layer, bn)))
+            folded.append((layer.name, bn.name))
+            return new
+        new = layer.__class__.from_config(layer.get_config())
+        copies.append((new, layer.get_weights()))
+        return new
+
+    if isinstance(model, keras.Sequential):
+        new_layers = [
+            clone_function(layer)
+            for layer in model.layers
+            if id(layer) not in folded_bn
+        ]
+        source = model.inputs[0]
+        new_model = keras.Sequential(
+            [keras.Input(batch_shape=source.shape, dtype=source.dtype)]
+            + new_layers,
+            name=model.name,
+        )
+    else:
+        # A folded batch normalization is called as the identity; Keras
+        # keeps the original layer object for it, which the copy never uses.
+        skipped = set()
+
+        def clone_or_skip(layer):
+            if id(layer) in folded_bn:
+                skipped.add(id(layer))
+                return layer
+            return clone_function(layer)
+
+        def call_function(layer, *args, **kwargs):
+            if id(layer) in skipped:
+                return args[0]
+            return layer(*args, **kwargs)
+
+        new_model = keras.models.clone_model(
+            model, clone_function=clone_or_skip, call_function=call_function
+        )
+    for layer, weights in copies:
+        layer.set_weights(weights)
+    return new_model, folded
+
+
+def _is_graph_model(layer):
+    # Subclassed models have no layer graph to rewrite.
+    return isinstance(layer, (keras.Sequential, Functional))
+
+
+def _sequential_pairs(model):
+    layers = model.layers
+    return [
+        (producer, bn)
+        for producer, bn in zip(layers[:-1], layers[1:])
+        if _foldable(producer, bn)
+    ]
+
+
+def _functional_pairs(model):
+    outputs = {id(t) for t in model.outputs}
+    pairs = []
+    for bn in model.layers:
+        # Keras 3 keeps the call graph only in these node lists.
+        if not _is_batch_normalization(bn) or len(bn._inbound_nodes) != 1:
+            continue
+        parents = bn._inbound_nodes[0].parent_nodes
+        if len(parents) != 1:
+            continue
+        producer = parents[0].operation
+        if (
+            len(producer._inbound_nodes) == 1
+            and len(producer._outbound_nodes) == 1
+            and not any(
+                id(t) in outputs for t in producer._inbound_nodes[0].outputs
+            )
+            and _foldable(producer, bn)
+        ):
+            pairs.append((producer, bn))
+    return pairs
+
+
+def _is_batch_normalization(layer):
+    if isinstance(layer, BatchNormalization):
+        return True
+    return type(layer) is keras.layers.BatchNormalization and not (
+        layer.renorm
+    )
+
+
+def _foldable(producer, bn):
+    if type(producer) not in _FOLDABLE_TYPES or not _is_batch_normalization(
+        bn
+    ):
+        return False
+    config = producer.get_config()
+    if config.get("activation") != "linear" or config.get("lora_rank"):
+        return False
+    if getattr(producer, "quantization_mode", None) is not None:
+        return False
+    rank = bn.input_spec.ndim
+    channel_axis = (
+        1 if config.get("data_format") == "channels_first" else rank - 1
+    )
+    axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
+    return sorted(a % rank for a in axes) == [channel_axis]
+
+
+def _folded_weights(producer, bn):
+    """`[kernel, bias]` of `producer` with `bn`'s inference map folded in."""
+    weights = {w.name: np.asarray(w, "float64") for w in bn.weights}
+    variance = weights["moving_variance"]
+    scale = weights.get("gamma", 1.0) / np.sqrt(variance + bn.epsilon)
+    scale = np.broadcast_to(scale, variance.shape)
+    kernel = np.asarray(producer.kernel, "float64")
+    if isinstance(producer, keras.layers.DepthwiseConv2D):
+        kernel_scale = scale.reshape(kernel.shape[-2:])
+    else:
+        kernel_scale = scale
+    bias = (
+        np.asarray(producer.bias, "float64")
+        if producer.use_bias
+        else np.zeros(variance.shape)
+    )
+    bias = (bias - weights["moving_mean"]) * scale + weights.get("beta", 0.0)
+    return [
+        (kernel * kernel_scale).astype(producer.kernel.dtype),
+        bias.astype(producer.kernel.dtype),
+    ]

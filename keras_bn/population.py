@@ -1,0 +1,295 @@
+"""Population statistics recomputed with frozen weights (PreciseBN)."""
+
+import numbers
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from keras_bn.batch_normalization import BatchNormalization
+
+# Layers whose moving statistics are updated in training as
+# `moving = moving * momentum + batch_statistic * (1 - momentum)` with
+# `momentum` read from the layer's `momentum` attribute at call time, and
+# kept in its `moving_mean` and `moving_variance` weights (and
+# `moving_stddev` for batch renormalization). Subclasses are covered.
+_LAYER_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
+
+# The method through which a layer that counts its updates row by row (per
+# time step, say) takes part; see `recompute_statistics`.
+_ROWS_METHOD = "population_statistics"
+
+
+def recompute_statistics(
+    model, data, steps=None, batch_size=32, jit_compile=False, verbose=1
+):
+    """Sets moving statistics to the average of batch statistics on `data`.
+
+    The moving averages that batch normalization keeps in training lag
+    behind the weights; Wu & Johnson (2021) recompute the population
+    statistics after training, with the weights frozen, as the equal-weight
+    average of the statistics of `K` batches (about 10^3 to 10^4 examples):
+
+        moving_mean = (1 / K) * sum_k mean_k
+        moving_variance = (1 / K) * sum_k var_k
+
+    where `mean_k` and `var_k` are the statistics each layer computes in
+    training on batch `k` (biased variance, as in training; ghost batches,
+    masks and `synchronized` as the layer is configured). Batch
+    renormalization layers average the standard deviation instead, as their
+    moving averages do, and derive the variance from it. This is also how
+    to adapt a pretrained model's statistics to a new domain.
+
+    Every batch-normalization layer of `model` is recomputed, nested ones
+    included: `keras.layers.BatchNormalization` and every keras_bn layer,
+    also those with `trainable=False`. The model runs forward in training
+    mode on each batch, with no optimizer: trainable weights are not
+    changed, and every other variable of the model (other layers' state,
+    `num_batches_tracked`, random-generator states) is restored afterwards.
+    Layers such as `Dropout` act as in training, so the statistics are those
+    of the activations the layers saw in training, which is what their
+    moving averages estimate too. A batch that gives a layer no element to
+    count (all masked) leaves its statistics alone, so that layer's result
+    weights the other batches unequally.
+
+    Layers that keep statistics row by row with counts of their own (for
+    instance one row per time step) take part through a method
+    `population_statistics()` that returns `(counter, weights)` pairs:
+    `counter` is a weight with one entry per row, which every training call
+    increases for the rows it updates, and `weights` are the moving
+    statistics with those rows first. A training call must write a row's
+    batch statistics outright when the row's counter is zero beforehand, as
+    bias-corrected and cumulative averages do. Each row then becomes the
+    equal-weight average over the batches that updated it, and the counters
+    are restored.
+
+    Under a `tf.distribute` strategy the model runs outside the replicas on
+    the whole batch, so the statistics are those of the full batch.
+
+    Args:
+        model: A built Keras model (or layer).
+        data: The batches: a `tf.data.Dataset`, a `keras.utils.PyDataset`,
+            an iterable or generator of batches, or an array (or a dict of
+            arrays, for named inputs) cut into batches of `batch_size`. A
+            batch given as `(x, y)` or `(x, y, sample_weight)` uses `x`.
+        steps: Positive integer, the number of batches to use, or `None` for
+            all of `data` (which must then be finite). Defaults to `None`.
+        batch_size: Positive integer, the batch size for NumPy `data`.
+            Defaults to `32`.
+        jit_compile: Whether to compile the forward pass with XLA. Defaults
+            to `False`.
+        verbose: `1` shows a progress bar, `0` shows nothing. Defaults to
+            `1`.
+
+    Returns:
+        The number of batches used.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras
+    >>> import keras_bn
+    >>> model = keras.Sequential(
+    ...     [keras.Input((3,)), keras_bn.BatchNormalization(momentum=0.99)]
+    ... )
+    >>> x = np.random.default_rng(0).normal(2.0, 1.0, (64, 3))
+    >>> keras_bn.recompute_statistics(model, x, batch_size=16, verbose=0)
+    4
+    >>> mean = np.asarray(model.layers[0].moving_mean)
+    >>> bool(np.allclose(mean, x.mean(axis=0), atol=1e-5))
+    True
+
+    Reference:
+
+    - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576).
+    """
+    steps = _validate_positive_int("steps", steps, allow_none=True)
+    batch_size = _validate_positive_int("batch_size", batch_size)
+    if verbose not in (0, 1):
+        raise ValueError(
+            f"Argument `verbose` must be 0 or 1. Received: verbose={verbose}"
+        )
+    if not model.built:
+        raise ValueError(
+            "The model must be built before its statistics are recomputed. "
+            f"Received: model={model.name} (not built)"
+        )
+    layers = _flatten(model)
+    bn_layers = [layer for layer in layers if isinstance(layer, _LAYER_TYPES)]
+    row_layers = [
+        layer for layer in layers
+        if hasattr(layer, _ROWS_METHOD)
+        and not isinstance(layer, _LAYER_TYPES)
+    ]
+    if not bn_layers and not row_layers:
+        return 0
+    averages = [
+        _RowAverage(counter, weights)
+        for layer in row_layers
+        for counter, weights in getattr(layer, _ROWS_METHOD)()
+    ]
+    recomputed = [v for layer in bn_layers for v in _population(layer)]
+    recomputed += [w for average in averages for w in average.weights]
+    recomputed_ids = {id(v) for v in recomputed}
+    # Forward passes in training mode also move state that is not a
+    # population statistic (seed generators, counters); it is put back.
+    # Trainable weights are only changed by an optimizer, which never runs.
+    others = [
+        v for v in model.non_trainable_variables
+        if id(v) not in recomputed_ids
+    ]
+    saved = [v.numpy() for v in others]
+    saved_recomputed = [v.numpy() for v in recomputed]
+
+    momentum = keras.Variable(
+        0.0, dtype="float32", trainable=False, autocast=False, name="momentum"
+    )
+    momenta = [layer.momentum for layer in bn_layers]
+    trainable = [layer.trainable for layer in bn_layers + row_layers]
+    forward = tf.function(
+        lambda x: model(x, training=True),
+        jit_compile=jit_compile,
+        reduce_retracing=True,
+    )
+    progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
+    count = 0
+    done = False
+    try:
+        for layer in bn_layers:
+            # `object.__setattr__` keeps the variable out of the layer's
+            # tracked weights, so saving and `get_config` are unaffected.
+            object.__setattr__(layer, "momentum", momentum)
+        for layer in bn_layers + row_layers:
+            layer.trainable = True
+        for x in _batches(data, batch_size):
+            if steps is not None and count == steps:
+                break
+            # Before batch k (from 0), keep k / (k + 1) of the running
+            # average: an equal-weight mean of every batch seen so far.
+            momentum.assign(count / (count + 1.0))
+            for average in averages:
+                average.start_batch()
+            forward(x)
+            for average in averages:
+                average.end_batch()
+            count += 1
+            progbar.update(count)
+        for average in averages:
+            average.assign()
+        done = True
+    finally:
+        for layer, value in zip(bn_layers, momenta):
+            object.__setattr__(layer, "momentum", value)
+        for layer, value in zip(bn_layers + row_layers, trainable):
+            layer.trainable = value
+        for variable, value in zip(others, saved):
+            variable.assign(value)
+        if not done:
+            # An interrupted pass leaves the statistics as they were.
+            for variable, value in zip(recomputed, saved_recomputed):
+                variable.assign(value)
+    if count == 0:
+        raise ValueError(
+            "Argument `data` gave no batch, so no statistics were "
+            f"recomputed. Received: data={data!r}"
+        )
+    return count
+
+
+def _flatten(model):
+    """`model` and every layer in it, nested ones included."""
+    # `_flatten_layers` is the only Keras 3 walk over nested layers (layers
+    # inside models and inside other layers' attributes).
+    return model._flatten_layers(include_self=True)
+
+
+class _RowAverage:
+    """The equal-weight average, row by row, of a layer's batch statistics.
+
+    Before each batch the counter is zeroed, so that the layer writes the
+    batch's statistics outright into the rows it updates; after the batch,
+    the rows whose counter moved are added up.
+    """
+
+    def __init__(self, counter, weights):
+        self.counter = counter
+        self.weights = list(weights)
+        self.totals = [np.zeros(w.shape, "float64") for w in self.weights]
+        self.counts = np.zeros(counter.shape, "float64")
+
+    def start_batch(self):
+        self.counter.assign(np.zeros(self.counter.shape))
+
+    def end_batch(self):
+        updated = np.asarray(self.counter) > 0
+        self.counts += updated
+        for total, weight in zip(self.totals, self.weights):
+            total += np.where(
+                self._rows(updated, weight), np.asarray(weight, "float64"), 0.0
+            )
+
+    def assign(self):
+        for total, weight in zip(self.totals, self.weights):
+            counts = self._rows(self.counts, weight)
+            # A row no batch updated still holds its value from before.
+            weight.assign(
+                np.where(
+                    counts > 0,
+                    total / np.maximum(counts, 1.0),
+                    np.asarray(weight),
+                )
+            )
+
+    @staticmethod
+    def _rows(per_row, weight):
+        extra = len(weight.shape) - per_row.ndim
+        return per_row.reshape(per_row.shape + (1,) * extra)
+
+
+def _population(layer):
+    """The weights of `layer` that its momentum updates.
+
+    Batch renormalization (core `renorm=True` and keras_bn's) averages the
+    standard deviation in `moving_stddev` and derives `moving_variance`
+    from it.
+    """
+    names = ("moving_mean", "moving_variance", "moving_stddev")
+    return [
+        getattr(layer, name) for name in names
+        if getattr(layer, name, None) is not None
+    ]
+
+
+def _batches(data, batch_size):
+    if isinstance(data, dict) or _is_array(data):
+        # An array, or a dict of arrays for a model with named inputs.
+        size = len(keras.tree.flatten(data)[0])
+        for start in range(0, size, batch_size):
+            yield keras.tree.map_structure(
+                lambda a, start=start: a[start : start + batch_size], data
+            )
+        return
+    for batch in data:
+        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
+        yield x
+
+
+def _is_array(data):
+    return isinstance(data, np.ndarray) or tf.is_tensor(data)
+
+
+def _validate_positive_int(name, value, allow_none=False):
+    if value is None and allow_none:
+        return None
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value <= 0
+    ):
+        allowed = "a positive integer or None" if allow_none else (
+            "a positive integer"
+        )
+        raise ValueError(
+            f"Argument `{name}` must be {allowed}. Received: {name}={value}"
+        )
+    return int(value)

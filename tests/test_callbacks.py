@@ -1,0 +1,144 @@
+"""Tests of keras_bn.callbacks.PreciseBN."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_bn
+from tests import test_case
+from tests import test_population
+
+
+def make_model(bn_class=keras_bn.BatchNormalization, **bn_kwargs):
+    model = keras.Sequential(
+        [
+            keras.Input((5,)),
+            keras.layers.Dense(4, name="dense"),
+            bn_class(name="bn", **bn_kwargs),
+            keras.layers.Dense(1, name="head"),
+        ]
+    )
+    model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
+    return model
+
+
+def data(num=64, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(1.0, 2.0, (num, 5)).astype("float32")
+    return x, x[:, :1] * 0.5
+
+
+def batch_statistics(model, x, batch_size):
+    """Equal-weight mean of the BN input's batch moments, in NumPy."""
+    kernel, bias = model.get_layer("dense").get_weights()
+    z = x.astype("float64") @ kernel + bias
+    batches = [z[i : i + batch_size] for i in range(0, len(z), batch_size)]
+    return (
+        np.mean([b.mean(axis=0) for b in batches], axis=0),
+        np.mean([b.var(axis=0) for b in batches], axis=0),
+    )
+
+
+class CountingBatches:
+    """Batches that can be iterated again, counting the passes."""
+
+    def __init__(self, x, batch_size):
+        self.batches = [
+            x[i : i + batch_size] for i in range(0, len(x), batch_size)
+        ]
+        self.passes = 0
+
+    def __iter__(self):
+        self.passes += 1
+        return iter(self.batches)
+
+
+class PreciseBNTest(test_case.LayerTestCase):
+    def assert_precise(self, model, x, batch_size):
+        mean, variance = batch_statistics(model, x, batch_size)
+        bn = model.get_layer("bn")
+        self.assertAllClose(bn.moving_mean, mean, atol=1e-5)
+        self.assertAllClose(bn.moving_variance, variance, rtol=1e-5)
+
+    @parameterized.product(
+        bn=["core", "keras_bn"], jit_compile=[False, True]
+    )
+    def test_statistics_after_fit(self, bn, jit_compile):
+        bn_class = {
+            "core": keras.layers.BatchNormalization,
+            "keras_bn": keras_bn.BatchNormalization,
+        }[bn]
+        model = make_model(bn_class)
+        x, y = data()
+        callback = keras_bn.callbacks.PreciseBN(
+            x, batch_size=16, jit_compile=jit_compile
+        )
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback],
+                  verbose=0)
+        # Recomputed with the final weights.
+        self.assert_precise(model, x, 16)
+
+    def test_validation_uses_recomputed_statistics(self):
+        model = make_model(momentum=0.5)
+        x, y = data()
+        callback = keras_bn.callbacks.PreciseBN(x, batch_size=16)
+        history = model.fit(
+            x, y, batch_size=16, epochs=1, validation_data=(x, y),
+            callbacks=[callback], verbose=0,
+        )
+        # Nothing changes the model after validation, so evaluating again
+        # must give the validation loss.
+        self.assertAllClose(
+            history.history["val_loss"][0],
+            model.evaluate(x, y, batch_size=16, verbose=0),
+            rtol=1e-5,
+        )
+        self.assert_precise(model, x, 16)
+
+    @parameterized.named_parameters(
+        ("every_epoch", 1, 5, 5),
+        ("every_second", 2, 5, 3),
+        ("every_second_even", 2, 4, 2),
+    )
+    def test_every_n_epochs(self, every_n_epochs, epochs, passes):
+        model = make_model()
+        x, y = data(32)
+        batches = CountingBatches(x, 16)
+        callback = keras_bn.callbacks.PreciseBN(
+            batches, steps=2, every_n_epochs=every_n_epochs
+        )
+        model.fit(x, y, batch_size=16, epochs=epochs, callbacks=[callback],
+                  validation_data=(x, y), verbose=0)
+        self.assertEqual(batches.passes, passes)
+        self.assert_precise(model, x, 16)
+
+    def test_steps(self):
+        model = make_model()
+        x, y = data()
+        dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+        callback = keras_bn.callbacks.PreciseBN(dataset.repeat(), steps=2)
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback],
+                  verbose=0)
+        self.assert_precise(model, x[:32], 16)
+
+    def test_mirrored_strategy(self):
+        strategy = test_population.mirrored_strategy()
+        with strategy.scope():
+            model = make_model(synchronized=True)
+        x, y = data()
+        callback = keras_bn.callbacks.PreciseBN(x, batch_size=16)
+        model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback],
+                  verbose=0)
+        self.assert_precise(model, x, 16)
+
+    @parameterized.named_parameters(
+        ("steps", {"steps": 0}, "steps=0"),
+        ("every_n_epochs", {"every_n_epochs": 0}, "every_n_epochs=0"),
+        ("batch_size", {"batch_size": 2.5}, "batch_size=2.5"),
+        ("verbose", {"verbose": 3}, "verbose=3"),
+    )
+    def test_bad_arguments(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            keras_bn.callbacks.PreciseBN(data()[0], **kwargs)

@@ -1,0 +1,253 @@
+"""Tests of keras_bn.convert_batch_normalization."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_bn
+from tests import test_case
+from tests import test_population
+
+
+def all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def count(model, cls):
+    return sum(type(layer) is cls for layer in all_layers(model))
+
+
+def randomize_statistics(model, seed=0):
+    rng = np.random.default_rng(seed)
+    for layer in all_layers(model):
+        if type(layer) is not keras.layers.BatchNormalization:
+            continue
+        for weight in layer.weights:
+            if weight.name in ("gamma", "moving_variance", "moving_stddev"):
+                weight.assign(rng.uniform(0.3, 3.0, weight.shape))
+            elif weight.name in ("beta", "moving_mean", "renorm_mean"):
+                weight.assign(rng.normal(0.0, 1.0, weight.shape))
+
+
+def user_model():
+    block = keras.Sequential(
+        [
+            keras.Input((6, 6, 3)),
+            keras.layers.Conv2D(4, 3, name="conv"),
+            keras.layers.BatchNormalization(momentum=0.9, name="block_bn"),
+            keras.layers.ReLU(),
+        ],
+        name="block",
+    )
+    inputs = keras.Input((6, 6, 3))
+    h = keras.layers.GlobalAveragePooling2D()(block(inputs))
+    h = keras.layers.Dense(3, name="dense")(h)
+    h = keras.layers.BatchNormalization(
+        epsilon=1e-2, center=False, name="head_bn"
+    )(h)
+    model = keras.Model(inputs, h)
+    model.get_layer("block").get_layer("block_bn").trainable = False
+    randomize_statistics(model)
+    return model
+
+
+class ConvertBatchNormalizationTest(test_case.LayerTestCase):
+    @pytest.mark.slow
+    def test_applications_model(self):
+        model = keras.applications.MobileNetV2(
+            input_shape=(32, 32, 3), alpha=0.35, weights=None, classes=5,
+            classifier_activation=None,
+        )
+        randomize_statistics(model)
+        num_bn = count(model, keras.layers.BatchNormalization)
+        self.assertGreater(num_bn, 40)
+        converted = keras_bn.convert_batch_normalization(
+            model, keras_bn.BatchNormalization, virtual_batch_size=4
+        )
+        self.assertEqual(count(converted, keras_bn.BatchNormalization), num_bn)
+        self.assertEqual(count(converted, keras.layers.BatchNormalization), 0)
+        self.assertTrue(
+            all(
+                layer.virtual_batch_size == 4
+                for layer in all_layers(converted)
+                if isinstance(layer, keras_bn.BatchNormalization)
+            )
+        )
+        x = np.random.default_rng(1).normal(size=(4, 32, 32, 3))
+        x = x.astype("float32")
+        expected = model.predict(x, verbose=0)
+        self.assertAllClose(
+            converted.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5
+        )
+
+    def test_default_layer_class(self):
+        converted = keras_bn.convert_batch_normalization(user_model())
+        self.assertIs(
+            type(converted.get_layer("head_bn")),
+            keras_bn.BatchRenormalization,
+        )
+
+    def test_user_model_keeps_arguments_weights_and_flags(self):
+        model = user_model()
+        converted = keras_bn.convert_batch_normalization(
+            model, keras_bn.BatchNormalization
+        )
+        self.assertEqual(count(converted, keras.layers.BatchNormalization), 0)
+        for name, path in (("block_bn", ("block",)), ("head_bn", ())):
+            original, new = model, converted
+            for step in path:
+                original = original.get_layer(step)
+                new = new.get_layer(step)
+            original, new = original.get_layer(name), new.get_layer(name)
+            self.assertIsInstance(new, keras_bn.BatchNormalization)
+            for key in ("momentum", "epsilon", "center", "scale", "axis"):
+                self.assertEqual(
+                    new.get_config()[key], original.get_config()[key]
+                )
+            self.assertEqual(new.trainable, original.trainable)
+            self.assertEqual(
+                [w.name for w in new.weights],
+                [w.name for w in original.weights],
+            )
+            for a, b in zip(original.weights, new.weights):
+                self.assertAllClose(b, a, atol=0, rtol=0)
+        x = np.random.default_rng(1).normal(size=(4, 6, 6, 3))
+        x = x.astype("float32")
+        self.assertAllClose(converted(x), model(x), rtol=1e-6, atol=1e-6)
+        # Frozen layers stay in inference mode in training calls.
+        self.assertAllClose(
+            converted.get_layer("block")(x, training=True),
+            model.get_layer("block")(x, training=True),
+            rtol=1e-6, atol=1e-6,
+        )
+
+    def test_training_matches_core_keras(self):
+        model = user_model()
+        converted = keras_bn.convert_batch_normalization(
+            model, keras_bn.BatchNormalization
+        )
+        x = np.random.default_rng(1).normal(size=(8, 6, 6, 3))
+        x = x.astype("float32")
+        y = np.ones((8, 3), "float32")
+        for m in (model, converted):
+            m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+            m.fit(x, y, batch_size=8, epochs=2, shuffle=False, verbose=0)
+        for a, b in zip(model.weights, converted.weights):
+            self.assertAllClose(b, a, rtol=1e-5, atol=1e-5, msg=a.path)
+
+    def test_cumulative_momentum_adds_weight(self):
+        model = user_model()
+        converted = keras_bn.convert_batch_normalization(model, momentum=None)
+        head = converted.get_layer("head_bn")
+        self.assertIsNone(head.momentum)
+        self.assertEqual(int(head.num_batches_tracked), 0)
+        x = np.random.default_rng(1).normal(size=(4, 6, 6, 3))
+        x = x.astype("float32")
+        self.assertAllClose(converted(x), model(x), rtol=1e-6, atol=1e-6)
+
+    def test_to_batch_renormalization(self):
+        model = user_model()
+        converted = keras_bn.convert_batch_normalization(
+            model, layer_class=keras_bn.BatchRenormalization
+        )
+        self.assertEqual(count(converted, keras_bn.BatchRenormalization), 2)
+        original = model.get_layer("head_bn")
+        head = converted.get_layer("head_bn")
+        stddev = np.sqrt(np.asarray(original.moving_variance) + 1e-2)
+        self.assertAllClose(head.moving_stddev, stddev, rtol=1e-6)
+        self.assertAllClose(head.renorm_stddev, stddev, rtol=1e-6)
+        self.assertAllClose(head.renorm_mean, original.moving_mean, atol=0)
+        x = np.random.default_rng(1).normal(size=(4, 6, 6, 3))
+        x = x.astype("float32")
+        self.assertAllClose(converted(x), model(x), rtol=1e-6, atol=1e-6)
+
+    def test_core_renorm_to_batch_renormalization(self):
+        inputs = keras.Input((4,))
+        outputs = keras.layers.BatchNormalization(
+            renorm=True, renorm_clipping={"rmax": 2.0}, name="bn"
+        )(inputs)
+        model = keras.Model(inputs, outputs)
+        randomize_statistics(model)
+        # keras_bn.BatchNormalization(renorm=True) builds the subclass.
+        plain = keras_bn.convert_batch_normalization(
+            model, keras_bn.BatchNormalization
+        )
+        self.assertIsInstance(
+            plain.get_layer("bn"), keras_bn.BatchRenormalization
+        )
+        converted = keras_bn.convert_batch_normalization(
+            model, layer_class=keras_bn.BatchRenormalization
+        )
+        original, new = model.get_layer("bn"), converted.get_layer("bn")
+        self.assertEqual(new.renorm_clipping["rmax"], 2.0)
+        values = {w.name: w for w in original.weights}
+        for weight in new.weights:
+            if weight.name in values:
+                self.assertAllClose(weight, values[weight.name], atol=0)
+        x = np.random.default_rng(1).normal(size=(4, 4)).astype("float32")
+        self.assertAllClose(converted(x), model(x), rtol=1e-6, atol=1e-6)
+
+    def test_save_load_and_jit_compile(self):
+        converted = keras_bn.convert_batch_normalization(
+            user_model(), virtual_batch_size=2
+        )
+        x = np.random.default_rng(1).normal(size=(4, 6, 6, 3))
+        x = x.astype("float32")
+        expected = np.asarray(converted(x))
+        self.assertAllClose(
+            tf.function(converted, jit_compile=True)(x),
+            expected, rtol=1e-5, atol=1e-6,
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "converted.keras")
+            converted.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertAllClose(loaded(x), expected, atol=0)
+        self.assertEqual(
+            loaded.get_layer("head_bn").virtual_batch_size, 2
+        )
+
+    def test_mirrored_strategy_synchronized(self):
+        strategy = test_population.mirrored_strategy()
+        with strategy.scope():
+            model = user_model()
+            converted = keras_bn.convert_batch_normalization(
+                model, synchronized=True
+            )
+            converted.compile(optimizer="sgd", loss="mse")
+        x = np.random.default_rng(1).normal(size=(8, 6, 6, 3))
+        x = x.astype("float32")
+        self.assertAllClose(
+            converted.predict(x, batch_size=8, verbose=0),
+            model.predict(x, batch_size=8, verbose=0),
+            rtol=1e-5, atol=1e-5,
+        )
+        converted.fit(x, np.ones((8, 3)), batch_size=8, verbose=0)
+        self.assertTrue(converted.get_layer("head_bn").synchronized)
+
+    @parameterized.named_parameters(
+        ("core_class", keras.layers.BatchNormalization),
+        ("other_layer", keras.layers.Dense),
+        ("instance", keras_bn.BatchNormalization()),
+    )
+    def test_bad_layer_class(self, layer_class):
+        with pytest.raises(ValueError, match="Received: layer_class="):
+            keras_bn.convert_batch_normalization(
+                user_model(), layer_class=layer_class
+            )
+
+    def test_bad_model(self):
+        with pytest.raises(ValueError, match="Received: model="):
+            keras_bn.convert_batch_normalization(keras.layers.Dense(2))
+
+    def test_bad_kwargs_are_reported_by_the_layer(self):
+        with pytest.raises(ValueError, match="momentum=1.5"):
+            keras_bn.convert_batch_normalization(user_model(), momentum=1.5)

@@ -1,0 +1,60 @@
+"""Tests of examples/fine_tuning.py, run as a user runs it."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "examples" / "fine_tuning.py"
+
+
+def _run(*args, timeout=300):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH")) if p
+    )
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
+        timeout=timeout, env=env, cwd=REPO,
+    )
+
+
+@pytest.mark.slow
+def test_quick_run_writes_finite_aucs_and_plot():
+    with tempfile.TemporaryDirectory() as tmp:
+        result = _run("--quick", "--quiet", "--out", tmp)
+        assert result.returncode == 0, result.stderr[-3000:]
+        with open(os.path.join(tmp, "results.json")) as f:
+            aucs = json.load(f)["auc"]
+        assert set(aucs) == {
+            "no adaptation", "BN trainable", "BN frozen",
+            "statistics re-estimated",
+        }
+        for values in aucs.values():
+            assert len(values) == 1
+            assert math.isfinite(values[0]) and 0.0 <= values[0] <= 1.0
+        assert "statistics re-estimated" in result.stdout
+        png = pathlib.Path(tmp, "fine_tuning_auc.png").read_bytes()
+        assert png.startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--labelled", "5"], "--labelled must be at least 20, got 5"),
+        (["--seeds", "0"], "--seeds must be a positive integer, got 0"),
+        (["--fine-tune-learning-rate", "-1"],
+         "--fine-tune-learning-rate must be positive"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(args, message):
+    result = _run(*args, timeout=60)
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr

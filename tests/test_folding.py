@@ -1,0 +1,278 @@
+"""Tests of keras_bn.fold_batch_normalization."""
+
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_bn
+from tests import test_case
+from tests import test_population
+
+BN_CLASSES = {
+    "core": keras.layers.BatchNormalization,
+    "keras_bn": keras_bn.BatchNormalization,
+}
+
+# (layer, input shape without batch); channels_first is only run under XLA,
+# since TensorFlow has no channels_first 1D/2D convolution on CPU.
+PRODUCERS = {
+    "dense": (lambda **kw: keras.layers.Dense(6, **kw), (5,)),
+    "dense_3d": (lambda **kw: keras.layers.Dense(6, **kw), (3, 5)),
+    "conv1d": (lambda **kw: keras.layers.Conv1D(6, 3, **kw), (7, 3)),
+    "conv2d": (lambda **kw: keras.layers.Conv2D(6, 3, **kw), (6, 6, 3)),
+    "conv2d_groups": (
+        lambda **kw: keras.layers.Conv2D(6, 3, groups=3, **kw),
+        (6, 6, 3),
+    ),
+    "conv3d": (lambda **kw: keras.layers.Conv3D(6, 2, **kw), (4, 4, 4, 3)),
+    "depthwise": (
+        lambda **kw: keras.layers.DepthwiseConv2D(
+            3, depth_multiplier=2, **kw
+        ),
+        (6, 6, 3),
+    ),
+}
+
+
+def all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if isinstance(layer, keras.Model):
+            yield from all_layers(layer)
+
+
+def randomize_batch_normalization(model, seed=0):
+    """Gives every BN layer statistics and an affine map far from init."""
+    rng = np.random.default_rng(seed)
+    for layer in all_layers(model):
+        if not isinstance(layer, tuple(BN_CLASSES.values())):
+            continue
+        for weight in layer.weights:
+            if weight.name in ("gamma", "moving_variance", "moving_stddev"):
+                weight.assign(rng.uniform(0.3, 3.0, weight.shape))
+            elif weight.name in ("beta", "moving_mean"):
+                weight.assign(rng.normal(0.0, 2.0, weight.shape))
+
+
+def predict(model, x, jit_compile):
+    if jit_compile:
+        return np.asarray(tf.function(model, jit_compile=True)(x))
+    return np.asarray(model(x, training=False))
+
+
+def bn_names(model):
+    return [
+        layer.name for layer in all_layers(model)
+        if isinstance(layer, tuple(BN_CLASSES.values()))
+    ]
+
+
+class FoldBatchNormalizationTest(test_case.LayerTestCase):
+    def assert_same_inference(self, model, folded_model, x, jit_compile):
+        expected = predict(model, x, jit_compile)
+        actual = predict(folded_model, x, jit_compile)
+        # 1e-5 relative to the outputs' scale.
+        self.assertAllClose(
+            actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+        )
+
+    @parameterized.product(
+        producer=list(PRODUCERS),
+        bn=list(BN_CLASSES),
+        model_type=["functional", "sequential"],
+    )
+    def test_folds_channels_last(self, producer, bn, model_type):
+        # Sequential models also cover producers without a bias.
+        functional = model_type == "functional"
+        use_bias = functional
+        make, shape = PRODUCERS[producer]
+        layers = [
+            make(use_bias=use_bias, name="producer"),
+            BN_CLASSES[bn](name="bn"),
+        ]
+        if functional:
+            inputs = keras.Input(shape)
+            model = keras.Model(inputs, layers[1](layers[0](inputs)))
+        else:
+            model = keras.Sequential([keras.Input(shape)] + layers)
+        randomize_batch_normalization(model)
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [("producer", "bn")])
+        self.assertEqual(bn_names(folded_model), [])
+        self.assertIsInstance(
+            folded_model, keras.Model if functional else keras.Sequential
+        )
+        x = np.random.default_rng(1).normal(size=(4,) + shape)
+        x = x.astype("float32")
+        self.assert_same_inference(model, folded_model, x, jit_compile=False)
+        self.assert_same_inference(model, folded_model, x, jit_compile=True)
+
+    @parameterized.product(
+        producer=["conv1d", "conv2d", "conv3d", "depthwise"],
+        bn=list(BN_CLASSES),
+    )
+    def test_folds_channels_first(self, producer, bn):
+        make, shape = PRODUCERS[producer]
+        shape = (shape[-1],) + shape[:-1]
+        inputs = keras.Input(shape)
+        outputs = BN_CLASSES[bn](axis=1, name="bn")(
+            make(data_format="channels_first", name="producer")(inputs)
+        )
+        model = keras.Model(inputs, outputs)
+        randomize_batch_normalization(model)
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [("producer", "bn")])
+        x = np.random.default_rng(1).normal(size=(4,) + shape)
+        self.assert_same_inference(
+            model, folded_model, x.astype("float32"), jit_compile=True
+        )
+
+    def test_folds_keras_bn_variants(self):
+        inputs = keras.Input((5,))
+        h = keras.layers.Dense(4, name="d1")(inputs)
+        h = keras_bn.BatchNormalization(
+            axis=[-1], momentum=None, virtual_batch_size=2, name="bn1"
+        )(h)
+        h = keras.layers.Dense(3, name="d2")(h)
+        h = keras_bn.BatchRenormalization(name="bn2")(h)
+        h = keras.layers.Dense(2, name="d3")(h)
+        outputs = keras_bn.BatchNormalization(
+            center=False, scale=False, name="bn3"
+        )(h)
+        model = keras.Model(inputs, outputs)
+        randomize_batch_normalization(model)
+        # Batch renormalization infers with `moving_variance`, which its
+        # training derives from `moving_stddev`.
+        bn2 = model.get_layer("bn2")
+        bn2.moving_variance.assign(
+            np.square(np.asarray(bn2.moving_stddev)) - bn2.epsilon
+        )
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(
+            folded, [("d1", "bn1"), ("d2", "bn2"), ("d3", "bn3")]
+        )
+        x = np.random.default_rng(1).normal(size=(4, 5)).astype("float32")
+        self.assert_same_inference(model, folded_model, x, jit_compile=False)
+
+    def test_leaves_unfoldable_layers_alone(self):
+        inputs = keras.Input((6, 6, 3))
+        # An activation between the convolution and the BN.
+        h = keras.layers.Conv2D(4, 3, activation="relu", name="relu_conv")(
+            inputs
+        )
+        h = keras.layers.BatchNormalization(name="after_relu")(h)
+        # A convolution with a second consumer.
+        shared = keras.layers.Conv2D(4, 1, name="shared")(h)
+        h = keras_bn.BatchNormalization(name="after_shared")(shared)
+        h = keras.layers.Add()([h, shared])
+        # A BN over another axis than the channels.
+        h = keras.layers.Conv2D(4, 1, name="conv_axis")(h)
+        h = keras_bn.BatchNormalization(axis=1, name="wrong_axis")(h)
+        # A BN after a layer that cannot absorb it.
+        h = keras.layers.BatchNormalization(name="after_add")(h)
+        # Core batch renormalization.
+        h = keras.layers.Conv2D(4, 1, name="renorm_conv")(h)
+        h = keras.layers.BatchNormalization(renorm=True, name="renorm")(h)
+        # A convolution whose output is also a model output.
+        out = keras.layers.Conv2D(4, 1, name="out_conv")(h)
+        bn_out = keras_bn.BatchNormalization(name="out_bn")(out)
+        model = keras.Model(inputs, [out, bn_out])
+        randomize_batch_normalization(model)
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [])
+        self.assertEqual(bn_names(folded_model), bn_names(model))
+        x = np.random.default_rng(1).normal(size=(2, 6, 6, 3))
+        x = x.astype("float32")
+        for a, b in zip(model(x), folded_model(x)):
+            self.assertAllClose(b, a, atol=0, rtol=0)
+
+    def test_shared_producer_is_left_alone(self):
+        dense = keras.layers.Dense(3, name="shared_dense")
+        a, b = keras.Input((3,)), keras.Input((3,))
+        h = keras_bn.BatchNormalization(name="bn")(dense(a))
+        model = keras.Model([a, b], [h, dense(b)])
+        _, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [])
+
+    def test_nested_models_and_save(self):
+        inner = keras.Sequential(
+            [
+                keras.Input((6, 6, 3)),
+                keras.layers.Conv2D(4, 3, name="conv"),
+                keras.layers.BatchNormalization(name="bn"),
+                keras.layers.ReLU(),
+                keras.layers.GlobalAveragePooling2D(),
+            ],
+            name="backbone",
+        )
+        inputs = keras.Input((6, 6, 3))
+        h = inner(inputs)
+        h = keras.layers.Dropout(0.5)(h)
+        h = keras.layers.Dense(2, name="head")(h)
+        outputs = keras_bn.BatchNormalization(name="head_bn")(h)
+        model = keras.Model(inputs, outputs)
+        randomize_batch_normalization(model)
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(
+            folded, [("backbone/conv", "backbone/bn"), ("head", "head_bn")]
+        )
+        self.assertEqual(bn_names(folded_model), [])
+        x = np.random.default_rng(1).normal(size=(3, 6, 6, 3))
+        x = x.astype("float32")
+        self.assert_same_inference(model, folded_model, x, jit_compile=False)
+        expected = folded_model.predict(x, verbose=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "folded.keras")
+            folded_model.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertAllClose(loaded.predict(x, verbose=0), expected, atol=0)
+
+    def test_original_model_is_unchanged(self):
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(3, use_bias=False),
+                keras_bn.BatchNormalization(),
+            ]
+        )
+        randomize_batch_normalization(model)
+        before = [np.asarray(w) for w in model.weights]
+        folded_model, _ = keras_bn.fold_batch_normalization(model)
+        for weight, value in zip(model.weights, before):
+            self.assertAllClose(weight, value, atol=0, rtol=0)
+        self.assertFalse(model.layers[0].use_bias)
+        self.assertTrue(folded_model.layers[0].use_bias)
+
+    def test_mirrored_strategy(self):
+        strategy = test_population.mirrored_strategy()
+        with strategy.scope():
+            model = keras.Sequential(
+                [
+                    keras.Input((5,)),
+                    keras.layers.Dense(4),
+                    keras_bn.BatchNormalization(synchronized=True),
+                ]
+            )
+            randomize_batch_normalization(model)
+            folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertLen(folded, 1)
+        x = np.random.default_rng(1).normal(size=(8, 5)).astype("float32")
+        self.assertAllClose(
+            folded_model.predict(x, batch_size=8, verbose=0),
+            model.predict(x, batch_size=8, verbose=0),
+            rtol=1e-5, atol=1e-5,
+        )
+
+    @parameterized.named_parameters(
+        ("unbuilt", lambda: keras.Sequential([keras.layers.Dense(2)])),
+        ("layer", lambda: keras.layers.Dense(2)),
+    )
+    def test_rejects_bad_model(self, make):
+        model = make()
+        with pytest.raises(ValueError, match="Received: model="):
+            keras_bn.fold_batch_normalization(model)

@@ -1,0 +1,409 @@
+"""Tests of keras_bn.recompute_statistics."""
+
+import functools
+import os
+import tempfile
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from absl.testing import parameterized
+
+import keras_bn
+from tests import test_case
+
+BN_CLASSES = {
+    "core": keras.layers.BatchNormalization,
+    "keras_bn": keras_bn.BatchNormalization,
+}
+EPSILON = 1e-3
+
+
+@functools.cache
+def mirrored_strategy():
+    """One two-CPU strategy for the tests of the population tools.
+
+    Every `MirroredStrategy` numbers its collectives from the same keys and
+    TensorFlow remembers each key's shape for the whole process, so a
+    strategy per test, or the strategies of other test files, would clash.
+    The key base is TensorFlow's knob for that (`mirrored_strategy.py`).
+    """
+    strategy_cls = tf.distribute.MirroredStrategy
+    base = strategy_cls._collective_key_base
+    strategy_cls._collective_key_base = 9_000_000
+    try:
+        return strategy_cls(["CPU:0", "CPU:1"])
+    finally:
+        strategy_cls._collective_key_base = base
+
+
+def make_model(bn_class, dict_inputs=False, **bn_kwargs):
+    """Dense -> BN -> ReLU -> Dense -> BN, with non-trivial gamma/beta."""
+    inputs = keras.Input((5,), name="features")
+    h = keras.layers.Dense(4, name="dense1")(inputs)
+    h = bn_class(name="bn1", **bn_kwargs)(h)
+    h = keras.layers.ReLU()(h)
+    h = keras.layers.Dense(3, name="dense2")(h)
+    outputs = bn_class(name="bn2", **bn_kwargs)(h)
+    model = keras.Model(
+        {"features": inputs} if dict_inputs else inputs, outputs
+    )
+    rng = np.random.default_rng(5)
+    for name in ("bn1", "bn2"):
+        layer = model.get_layer(name)
+        layer.gamma.assign(rng.uniform(0.5, 2.0, layer.gamma.shape))
+        layer.beta.assign(rng.normal(size=layer.beta.shape))
+    return model
+
+
+def reference_statistics(model, batches):
+    """Paper equations in NumPy: the mean over batches of batch moments.
+
+    Each batch runs through the model in training mode, so the second BN
+    sees the first BN's batch-normalized outputs.
+    """
+    w1, b1 = model.get_layer("dense1").get_weights()
+    w2, b2 = model.get_layer("dense2").get_weights()
+    bn1 = model.get_layer("bn1")
+    gamma, beta = np.asarray(bn1.gamma), np.asarray(bn1.beta)
+    stats = {"bn1": [], "bn2": []}
+    for x in batches:
+        z1 = x.astype("float64") @ w1 + b1
+        mean, var = z1.mean(axis=0), z1.var(axis=0)
+        stats["bn1"].append((mean, var))
+        h = np.maximum(gamma * (z1 - mean) / np.sqrt(var + EPSILON) + beta, 0)
+        z2 = h @ w2 + b2
+        stats["bn2"].append((z2.mean(axis=0), z2.var(axis=0)))
+    return {
+        name: tuple(np.mean([s[i] for s in values], axis=0) for i in (0, 1))
+        for name, values in stats.items()
+    }
+
+
+def data(num=96, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.normal(2.0, 3.0, (num, 5)).astype("float32")
+
+
+def split(x, batch_size):
+    return [x[i : i + batch_size] for i in range(0, len(x), batch_size)]
+
+
+class Batches(keras.utils.PyDataset):
+    def __init__(self, x, batch_size):
+        super().__init__()
+        self.batches = split(x, batch_size)
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, index):
+        return self.batches[index], None
+
+
+class StepStatistics(keras.layers.Layer):
+    """Statistics per time step with per-step update counts.
+
+    A stand-in for the recurrent layers' per-step statistics: all-zero
+    frames are padding, and a step's row is updated (cumulatively, so a
+    fresh row is written outright) only by batches with a frame there.
+    """
+
+    def build(self, input_shape):
+        shape = tuple(input_shape[1:])
+        self.moving_mean = self.add_weight(
+            shape=shape, initializer="zeros", trainable=False, name="mean"
+        )
+        self.moving_variance = self.add_weight(
+            shape=shape, initializer="ones", trainable=False, name="variance"
+        )
+        self.updates = self.add_weight(
+            shape=shape[:1], initializer="zeros", trainable=False,
+            name="updates",
+        )
+
+    def call(self, x, training=False):
+        if training:
+            ops = keras.ops
+            frames = ops.any(ops.not_equal(x, 0.0), axis=-1, keepdims=True)
+            mask = ops.cast(frames, x.dtype)
+            count = ops.sum(mask, axis=0)
+            mean = ops.sum(x * mask, axis=0) / ops.maximum(count, 1.0)
+            variance = ops.sum(
+                ops.square(x - mean) * mask, axis=0
+            ) / ops.maximum(count, 1.0)
+            updated = ops.greater(count, 0.0)
+            seen = ops.expand_dims(self.updates, -1)
+            decay = seen / (seen + 1.0)
+            for weight, value in (
+                (self.moving_mean, mean), (self.moving_variance, variance)
+            ):
+                weight.assign(
+                    ops.where(
+                        updated, weight * decay + value * (1.0 - decay), weight
+                    )
+                )
+            self.updates.assign_add(ops.cast(updated[:, 0], "float32"))
+        return x
+
+    def population_statistics(self):
+        return [(self.updates, [self.moving_mean, self.moving_variance])]
+
+
+class RecomputeStatisticsTest(test_case.LayerTestCase):
+    def assert_statistics(self, model, expected):
+        for name, (mean, variance) in expected.items():
+            layer = model.get_layer(name)
+            self.assertAllClose(layer.moving_mean, mean, atol=1e-5)
+            self.assertAllClose(
+                layer.moving_variance, variance, rtol=1e-5, atol=1e-5
+            )
+
+    @parameterized.product(bn=list(BN_CLASSES), jit_compile=[False, True])
+    def test_equal_weight_average(self, bn, jit_compile):
+        model = make_model(BN_CLASSES[bn], momentum=0.9)
+        x = data()
+        trainable = [np.asarray(w) for w in model.trainable_weights]
+        count = keras_bn.recompute_statistics(
+            model, x, batch_size=32, jit_compile=jit_compile, verbose=0
+        )
+        self.assertEqual(count, 3)
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+        for weight, value in zip(model.trainable_weights, trainable):
+            self.assertAllClose(weight, value, atol=0, rtol=0)
+        # The mean of equal batches' means is the mean of the whole data.
+        z1 = x @ np.asarray(model.get_layer("dense1").kernel) + np.asarray(
+            model.get_layer("dense1").bias
+        )
+        self.assertAllClose(
+            model.get_layer("bn1").moving_mean, z1.mean(axis=0), atol=1e-5
+        )
+
+    @parameterized.named_parameters(
+        ("array", lambda x: x, False),
+        (
+            "dataset",
+            lambda x: tf.data.Dataset.from_tensor_slices(x).batch(32),
+            False,
+        ),
+        (
+            "dataset_xy",
+            lambda x: tf.data.Dataset.from_tensor_slices((x, x[:, :3])).batch(
+                32
+            ),
+            False,
+        ),
+        ("generator", lambda x: (b for b in split(x, 32)), False),
+        ("list_of_xy", lambda x: [(b, None) for b in split(x, 32)], False),
+        ("tensor", tf.constant, False),
+        ("dict", lambda x: {"features": x}, True),
+        ("py_dataset", lambda x: Batches(x, 32), False),
+    )
+    def test_data_types(self, make_data, dict_inputs):
+        model = make_model(keras_bn.BatchNormalization, dict_inputs)
+        x = data()
+        count = keras_bn.recompute_statistics(
+            model, make_data(x), batch_size=32, verbose=0
+        )
+        self.assertEqual(count, 3)
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+
+    def test_steps_limits_batches(self):
+        model = make_model(keras.layers.BatchNormalization)
+        x = data()
+        dataset = tf.data.Dataset.from_tensor_slices(x).batch(16).repeat()
+        count = keras_bn.recompute_statistics(
+            model, dataset, steps=2, verbose=1
+        )
+        self.assertEqual(count, 2)
+        self.assert_statistics(
+            model, reference_statistics(model, split(x, 16)[:2])
+        )
+
+    def test_ghost_batches(self):
+        model = make_model(
+            keras_bn.BatchNormalization, virtual_batch_size=8
+        )
+        x = data(64)
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        # Each ghost batch is normalized on its own, so the reference runs
+        # on batches of 8; the moving statistics average their moments.
+        self.assert_statistics(model, reference_statistics(model, split(x, 8)))
+
+    def test_frozen_and_cumulative_layers(self):
+        model = make_model(keras_bn.BatchNormalization, momentum=None)
+        model.get_layer("bn1").trainable = False
+        configs = [layer.get_config() for layer in model.layers]
+        num_weights = len(model.weights)
+        x = data()
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+        self.assertFalse(model.get_layer("bn1").trainable)
+        self.assertEqual(
+            [layer.get_config() for layer in model.layers], configs
+        )
+        self.assertLen(model.weights, num_weights)
+        self.assertEqual(
+            int(model.get_layer("bn2").num_batches_tracked), 0
+        )
+
+    def test_other_state_is_restored(self):
+        inputs = keras.Input((5,))
+        h = keras.layers.Dropout(0.5, seed=1)(inputs)
+        h = keras.layers.Dense(4)(h)
+        h = keras_bn.BatchRenormalization(momentum=0.5, name="renorm")(h)
+        h = keras.layers.Dense(4)(h)
+        outputs = keras.layers.BatchNormalization(name="bn")(h)
+        model = keras.Model(inputs, outputs)
+        recomputed = {
+            id(v) for name in ("renorm", "bn")
+            for v in model.get_layer(name).non_trainable_weights
+            if v.name in ("moving_mean", "moving_variance", "moving_stddev")
+        }
+        before = {
+            id(v): np.asarray(v) for v in model.variables
+            if id(v) not in recomputed
+        }
+        self.assertNotEmpty(before)
+        x = data()
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        for variable in model.variables:
+            if id(variable) in before:
+                self.assertAllClose(
+                    variable, before[id(variable)], atol=0, rtol=0,
+                    msg=variable.path,
+                )
+        renorm = model.get_layer("renorm")
+        self.assertAllClose(
+            renorm.moving_variance,
+            np.maximum(np.square(renorm.moving_stddev) - renorm.epsilon, 0),
+            rtol=1e-5, atol=1e-6,
+        )
+
+    def test_batch_renormalization_averages_stddev(self):
+        inputs = keras.Input((5,))
+        outputs = keras_bn.BatchRenormalization(momentum=0.9, name="bn")(
+            keras.layers.Dense(3, name="dense")(inputs)
+        )
+        model = keras.Model(inputs, outputs)
+        x = data()
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        dense, bn = model.get_layer("dense"), model.get_layer("bn")
+        z = [b @ np.asarray(dense.kernel) + np.asarray(dense.bias)
+             for b in split(x, 32)]
+        stddev = np.mean([np.sqrt(b.var(axis=0) + bn.epsilon) for b in z], 0)
+        self.assertAllClose(bn.moving_stddev, stddev, rtol=1e-5)
+        self.assertAllClose(
+            bn.moving_mean, np.mean([b.mean(axis=0) for b in z], 0), atol=1e-5
+        )
+
+    def test_nested_model_and_save(self):
+        inner = make_model(keras.layers.BatchNormalization)
+        inputs = keras.Input((5,))
+        model = keras.Model(inputs, keras.layers.Dense(2)(inner(inputs)))
+        x = data()
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        self.assert_statistics(inner, reference_statistics(inner, split(x, 32)))
+        expected = model.predict(x, verbose=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertAllClose(loaded.predict(x, verbose=0), expected, atol=0)
+
+    @parameterized.named_parameters(("plain", False), ("synchronized", True))
+    def test_mirrored_strategy(self, synchronized):
+        strategy = mirrored_strategy()
+        with strategy.scope():
+            model = make_model(
+                keras_bn.BatchNormalization, synchronized=synchronized
+            )
+        x = data()
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+
+    @parameterized.named_parameters(("eager", False), ("jit", True))
+    def test_rows_counted_by_the_layer(self, jit_compile):
+        rng = np.random.default_rng(3)
+        x = rng.normal(1.0, 2.0, (24, 5, 3)).astype("float32")
+        x[:, 4] = 0.0  # Step 4 is never seen.
+        x[8:16, 3] = 0.0  # Step 3 is missing from the second batch...
+        x[0:3, 2] = 0.0  # ... and step 2 from three sequences.
+        inputs = keras.Input((5, 3))
+        steps = StepStatistics(name="steps")
+        outputs = keras_bn.BatchNormalization(axis=[1, 2], name="bn")(
+            steps(inputs)
+        )
+        model = keras.Model(inputs, outputs)
+        steps.moving_mean.assign(np.full((5, 3), 7.0))
+        steps.updates.assign(np.full((5,), 40.0))
+        keras_bn.recompute_statistics(
+            model, x, batch_size=8, jit_compile=jit_compile, verbose=0
+        )
+        means, variances = np.zeros((5, 3)), np.zeros((5, 3))
+        for t in range(4):
+            per_batch = []
+            for batch in split(x[:, t], 8):
+                frames = batch[np.any(batch != 0.0, axis=-1)]
+                if len(frames):
+                    per_batch.append((frames.mean(0), frames.var(0)))
+            means[t] = np.mean([m for m, _ in per_batch], axis=0)
+            variances[t] = np.mean([v for _, v in per_batch], axis=0)
+        means[4], variances[4] = 7.0, 1.0
+        self.assertAllClose(steps.moving_mean, means, atol=1e-5)
+        self.assertAllClose(steps.moving_variance, variances, rtol=1e-5)
+        self.assertAllClose(steps.updates, np.full((5,), 40.0), atol=0)
+        # The BN after it is recomputed too, over its batches' moments.
+        bn = model.get_layer("bn")
+        self.assertAllClose(
+            bn.moving_mean,
+            np.mean([b.mean(axis=0) for b in split(x, 8)], axis=0),
+            atol=1e-5,
+        )
+
+    def test_interrupted_pass_changes_nothing(self):
+        model = make_model(keras_bn.BatchNormalization)
+        before = [np.asarray(v) for v in model.variables]
+
+        def batches():
+            yield data(32)
+            raise RuntimeError("data source failed")
+
+        with pytest.raises(RuntimeError, match="data source failed"):
+            keras_bn.recompute_statistics(model, batches(), verbose=0)
+        for variable, value in zip(model.variables, before):
+            self.assertAllClose(variable, value, atol=0, rtol=0)
+        self.assertEqual(model.get_layer("bn1").momentum, 0.99)
+
+    def test_model_without_batch_normalization(self):
+        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
+        self.assertEqual(
+            keras_bn.recompute_statistics(model, data(), verbose=0), 0
+        )
+
+    @parameterized.named_parameters(
+        ("steps_zero", {"steps": 0}, "steps=0"),
+        ("steps_float", {"steps": 1.5}, "steps=1.5"),
+        ("batch_size", {"batch_size": -4}, "batch_size=-4"),
+        ("verbose", {"verbose": 2}, "verbose=2"),
+    )
+    def test_bad_arguments(self, kwargs, message):
+        model = make_model(keras_bn.BatchNormalization)
+        with pytest.raises(ValueError, match=message):
+            keras_bn.recompute_statistics(model, data(), **kwargs)
+
+    def test_empty_data(self):
+        model = make_model(keras_bn.BatchNormalization)
+        before = np.asarray(model.get_layer("bn1").moving_variance)
+        with pytest.raises(ValueError, match="Received: data=\\[\\]"):
+            keras_bn.recompute_statistics(model, [], verbose=0)
+        self.assertAllClose(
+            model.get_layer("bn1").moving_variance, before, atol=0
+        )
+        self.assertEqual(model.get_layer("bn1").momentum, 0.99)
+
+    def test_unbuilt_model(self):
+        model = keras.Sequential([keras_bn.BatchNormalization()], name="seq")
+        with pytest.raises(ValueError, match="Received: model=seq"):
+            keras_bn.recompute_statistics(model, data(), verbose=0)
