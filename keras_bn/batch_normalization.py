@@ -109,12 +109,13 @@ class BatchNormalization(layers.Layer):
         fused: Whether to run through TensorFlow's fused batch-normalization
             kernel, which is faster on the TensorFlow backend. `None` uses
             it wherever it gives the same results: the last axis alone, no
-            ghost batches, `epsilon >= 1.001e-5`, and in training no mask,
-            no cross-replica synchronization in progress and no subclass
-            correction; `True` raises a `ValueError` at build time if the
-            layer's configuration rules it out; `False` never uses it. The
-            results are the same either way, up to float rounding. Defaults
-            to `None`.
+            ghost batches, `epsilon >= 1.001e-5`; in training no mask and
+            no cross-replica synchronization in progress; in inference only
+            for half-precision inputs (float32 inference is two element-wise
+            ops either way). `True` raises a `ValueError` at build time if
+            the layer's configuration rules the kernel out; `False` never
+            uses it. The results are the same either way, up to float
+            rounding. Defaults to `None`.
         renorm, renorm_clipping, renorm_momentum: As in
             `keras.layers.BatchNormalization`: `renorm=True` constructs a
             `keras_bn.BatchRenormalization` with these arguments (see there).
@@ -292,13 +293,13 @@ class BatchNormalization(layers.Layer):
     def call(self, inputs, training=None, mask=None):
         mask = self._standardize_mask(mask, inputs)
         training = bool(training and self.trainable)
-        if self._can_fuse(inputs, mask, training):
-            outputs = _fused_batch_normalization(self, inputs, training)
-            return ops.cast(outputs, self.compute_dtype)
-        x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
+        fused = self._can_fuse(inputs, mask, training)
         if training:
-            outputs = self._train_step(x, mask)
+            outputs = self._train_step(inputs, mask, fused)
+        elif fused:
+            outputs = _fused_inference(self, inputs)
         else:
+            x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
             scale, offset = self._affine(
                 self._broadcast(self.moving_mean, x.dtype),
                 self._broadcast(self.moving_variance, x.dtype),
@@ -364,10 +365,18 @@ class BatchNormalization(layers.Layer):
         if not self._fused or dtype not in _FUSED_DTYPES:
             return False
         if not training:
-            return True
+            # In float32, inference is two element-wise ops either way,
+            # and they measured as fast as the kernel; half-precision
+            # inputs gain from the kernel reading them without a cast.
+            return dtype != "float32"
+        own = type(self)
         return (
             mask is None
-            and type(self)._batch_affine is BatchNormalization._batch_affine
+            and (
+                own._batch_affine is BatchNormalization._batch_affine
+                or own._fused_scale_offset
+                is not BatchNormalization._fused_scale_offset
+            )
             and not (self.synchronized and _statistics.replica_context())
         )
 
@@ -381,8 +390,11 @@ class BatchNormalization(layers.Layer):
             aggregation="mean",
         )
 
-    def _train_step(self, x, mask):
+    def _train_step(self, inputs, mask, fused):
         """Normalizes with batch statistics and updates the moving ones."""
+        if fused:
+            return _fused_training(self, inputs)
+        x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
         batch_size = ops.shape(x)[0]
         axes = self._reduction_axes
         ghosts = self.virtual_batch_size is not None
@@ -413,9 +425,28 @@ class BatchNormalization(layers.Layer):
         """`_affine` for batch statistics in training.
 
         Subclasses that correct the normalized value in training (batch
-        renormalization) override this.
+        renormalization) override this, and `_fused_scale_offset` too if
+        they are to use the fused kernel in training.
         """
         return self._affine(mean, variance)
+
+    def _fused_scale_offset(self, x):
+        """Scale and offset for the fused kernel in training.
+
+        Args:
+            x: The input, reshaped to `(elements, 1, 1, channels)`.
+
+        Returns:
+            `(scale, offset, statistics)`: vectors that the kernel applies
+            to the batch-normalized input, and the batch's `(mean,
+            variance, count)` for the moving statistics, or `None` to take
+            them from the kernel.
+        """
+        del x
+        channels = self._param_shape[0]
+        scale = ops.ones((channels,)) if self.gamma is None else self.gamma
+        offset = ops.zeros((channels,)) if self.beta is None else self.beta
+        return scale, offset, None
 
     def _affine(self, mean, variance):
         """`(scale, offset)` such that the output is `x * scale + offset`.
@@ -499,8 +530,8 @@ def _asks_for_renorm(args, kwargs):
     return bool(bound.arguments.get("renorm", False))
 
 
-def _fused_batch_normalization(layer, inputs, training):
-    """`layer`'s call through TensorFlow's fused batch-normalization kernel.
+def _fused_training(layer, inputs):
+    """`layer`'s training call through TensorFlow's fused kernel.
 
     One kernel forward and one backward instead of a chain of element-wise
     ops and reductions; half-precision inputs are read as they are, with
@@ -508,24 +539,33 @@ def _fused_batch_normalization(layer, inputs, training):
     """
     import tensorflow as tf
 
+    x = tf.reshape(inputs, (-1, 1, 1, layer._param_shape[0]))
+    scale, offset, statistics = layer._fused_scale_offset(x)
+    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+        x, scale, offset, epsilon=layer.epsilon, is_training=True
+    )
+    if statistics is None:
+        # The kernel returns the unbiased variance; Keras keeps the biased.
+        count = tf.cast(tf.shape(x)[0], variance.dtype)
+        variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
+        statistics = (mean, variance, count)
+    layer._update_moving_statistics(*statistics)
+    return tf.reshape(y, tf.shape(inputs))
+
+
+def _fused_inference(layer, inputs):
+    """`layer`'s inference call through TensorFlow's fused kernel."""
+    import tensorflow as tf
+
     channels = layer._param_shape[0]
     x = tf.reshape(inputs, (-1, 1, 1, channels))
     gamma = tf.ones(channels) if layer.gamma is None else layer.gamma
     beta = tf.zeros(channels) if layer.beta is None else layer.beta
-    if training:
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, epsilon=layer.epsilon, is_training=True
-        )
-        # The kernel returns the unbiased variance; Keras keeps the biased.
-        count = tf.cast(tf.shape(x)[0], variance.dtype)
-        variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
-        layer._update_moving_statistics(mean, variance, count)
-    else:
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x, gamma, beta, mean=layer.moving_mean,
-            variance=layer.moving_variance, epsilon=layer.epsilon,
-            is_training=False,
-        )
+    y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+        x, gamma, beta, mean=layer.moving_mean,
+        variance=layer.moving_variance, epsilon=layer.epsilon,
+        is_training=False,
+    )
     return tf.reshape(y, tf.shape(inputs))
 
 

@@ -277,20 +277,60 @@ class BatchRenormalization(BatchNormalization):
             aggregation="mean",
         )
 
-    def _train_step(self, x, mask):
-        outputs = super()._train_step(x, mask)
+    def _train_step(self, inputs, mask, fused):
+        outputs = super()._train_step(inputs, mask, fused)
         self.renorm_step.assign_add(ops.cast(1, self.renorm_step.dtype))
         return outputs
 
     def _batch_affine(self, mean, variance):
         """Batch normalization corrected by `r` and `d` (see the class)."""
         stddev = ops.sqrt(variance + self.epsilon)
-        renorm_mean = self._broadcast(self.renorm_mean, mean.dtype)
-        # A floor keeps `r` and `d` finite if `renorm_stddev` starts at 0.
-        renorm_stddev = ops.maximum(
+        r, d = self._corrections(
+            mean,
+            stddev,
+            self._broadcast(self.renorm_mean, mean.dtype),
             self._broadcast(self.renorm_stddev, mean.dtype),
-            math.sqrt(self.epsilon),
         )
+        scale = r / stddev
+        offset = d - mean * scale
+        if self.gamma is not None:
+            gamma = self._broadcast(self.gamma, mean.dtype)
+            scale = scale * gamma
+            offset = offset * gamma
+        if self.beta is not None:
+            offset = offset + self._broadcast(self.beta, mean.dtype)
+        return scale, offset
+
+    def _fused_scale_offset(self, x):
+        """`r * gamma` and `d * gamma + beta` for the fused kernel.
+
+        The kernel normalizes with the batch's statistics; `r` and `d` need
+        them first, so they are computed here too (their gradient is
+        stopped, so only the kernel's backward pass runs).
+        """
+        x = ops.cast(x, _statistics.statistics_dtype(x.dtype))
+        mean, variance, count = _statistics.moments(x, [0, 1, 2])
+        shape = self._param_shape
+        mean = ops.reshape(mean, shape)
+        variance = ops.reshape(variance, shape)
+        r, d = self._corrections(
+            mean,
+            ops.sqrt(variance + self.epsilon),
+            ops.cast(self.renorm_mean, mean.dtype),
+            ops.cast(self.renorm_stddev, mean.dtype),
+        )
+        scale, offset = r, d
+        if self.gamma is not None:
+            scale = scale * self.gamma
+            offset = offset * self.gamma
+        if self.beta is not None:
+            offset = offset + self.beta
+        return scale, offset, (mean, variance, count)
+
+    def _corrections(self, mean, stddev, renorm_mean, renorm_stddev):
+        """Clipped, gradient-stopped `r` and `d`; records the clipping."""
+        # A floor keeps `r` and `d` finite if `renorm_stddev` starts at 0.
+        renorm_stddev = ops.maximum(renorm_stddev, math.sqrt(self.epsilon))
         r_raw = stddev / renorm_stddev
         d_raw = (mean - renorm_mean) / renorm_stddev
         limits = self._limits(self.renorm_step, mean.dtype)
@@ -303,18 +343,7 @@ class BatchRenormalization(BatchNormalization):
             d = ops.clip(d, -limits["dmax"], limits["dmax"])
         self.r_clipped_fraction.assign(_changed_fraction(r_raw, r))
         self.d_clipped_fraction.assign(_changed_fraction(d_raw, d))
-        r = ops.stop_gradient(r)
-        d = ops.stop_gradient(d)
-
-        scale = r / stddev
-        offset = d - mean * scale
-        if self.gamma is not None:
-            gamma = self._broadcast(self.gamma, mean.dtype)
-            scale = scale * gamma
-            offset = offset * gamma
-        if self.beta is not None:
-            offset = offset + self._broadcast(self.beta, mean.dtype)
-        return scale, offset
+        return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_moving_statistics(self, mean, variance, count):
         stddev = ops.sqrt(variance + self.epsilon)

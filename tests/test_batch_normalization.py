@@ -747,6 +747,13 @@ class FusedPathTest(test_case.LayerTestCase):
         ("batch_of_one", {"momentum": 0.5}, (1, 4), "float32"),
         ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16"),
         ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16"),
+        ("renorm", {"renorm": True, "renorm_momentum": 0.5,
+                    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9,
+                                        "dmax": 0.1}},
+         (8, 3, 4), "float32"),
+        ("renorm_mixed", {"renorm": True, "renorm_momentum": 0.5,
+                          "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}},
+         (8, 3, 4), "mixed_float16"),
     )
     def test_fused_equals_ops_path(self, cfg, shape, dtype):
         import tensorflow as tf
