@@ -1,0 +1,1085 @@
+"""Recurrent batch normalization: `BNLSTMCell` and `BNLSTM`.
+
+The machinery here (per-step statistics computed in the loop and written to
+the moving statistics once after it) is shared with `keras_bn.BNGRU`.
+"""
+
+import numbers
+
+import keras
+import numpy as np
+from keras import activations
+from keras import constraints
+from keras import initializers
+from keras import layers
+from keras import ops
+from keras import regularizers
+from keras import saving
+
+from keras_bn import _statistics
+
+STATISTICS_MODES = ("per_step", "shared")
+
+
+class _BNRecurrentCell(layers.Layer):
+    """Weights and recurrence shared by `BNLSTMCell` and `BNGRUCell`.
+
+    Subclasses set `num_gates`, name their step-normalized terms in
+    `step_terms` (`(name, size)` pairs, the recurrent product first) and
+    implement `_step`.
+    """
+
+    num_gates = None
+    step_terms = ()
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        max_timesteps=None,
+        momentum=0.9,
+        epsilon=1e-3,
+        statistics="per_step",
+        input_gamma_initializer=0.1,
+        recurrent_gamma_initializer=0.1,
+        initial_state_noise=0.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.units = _positive_int("units", units)
+        self.activation = activations.get(activation)
+        self.recurrent_activation = activations.get(recurrent_activation)
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.get(kernel_initializer)
+        self.recurrent_initializer = initializers.get(recurrent_initializer)
+        self.bias_initializer = initializers.get(bias_initializer)
+        self.kernel_regularizer = regularizers.get(kernel_regularizer)
+        self.recurrent_regularizer = regularizers.get(recurrent_regularizer)
+        self.bias_regularizer = regularizers.get(bias_regularizer)
+        self.kernel_constraint = constraints.get(kernel_constraint)
+        self.recurrent_constraint = constraints.get(recurrent_constraint)
+        self.bias_constraint = constraints.get(bias_constraint)
+        self.dropout = _rate("dropout", dropout)
+        self.recurrent_dropout = _rate("recurrent_dropout", recurrent_dropout)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed=seed)
+        self.max_timesteps = (
+            None if max_timesteps is None
+            else _positive_int("max_timesteps", max_timesteps)
+        )
+        self.momentum = _momentum(momentum)
+        self.epsilon = _epsilon(epsilon)
+        if statistics not in STATISTICS_MODES:
+            raise ValueError(
+                f"Argument `statistics` must be one of {STATISTICS_MODES}. "
+                f"Received: statistics={statistics!r}"
+            )
+        self.statistics = statistics
+        self.input_gamma_initializer = _initializer(input_gamma_initializer)
+        self.recurrent_gamma_initializer = _initializer(
+            recurrent_gamma_initializer
+        )
+        self.initial_state_noise = _non_negative(
+            "initial_state_noise", initial_state_noise
+        )
+        self.state_size = [self.units]
+        self.output_size = self.units
+        self.supports_masking = True
+
+    def build(self, sequences_shape):
+        sequences_shape = tuple(sequences_shape)
+        if len(sequences_shape) != 3:
+            raise ValueError(
+                f"Layer '{self.name}' expects 3D inputs of shape (batch, "
+                "timesteps, features). Received: "
+                f"input_shape={sequences_shape}"
+            )
+        if sequences_shape[-1] is None:
+            raise ValueError(
+                f"Layer '{self.name}' needs a known number of features. "
+                f"Received: input_shape={sequences_shape}"
+            )
+        self.num_slots = self.max_timesteps or sequences_shape[1]
+        if self.num_slots is None:
+            raise ValueError(
+                f"Layer '{self.name}' keeps statistics for each time step, "
+                "so it needs `max_timesteps` when the number of timesteps is "
+                "not known when it is built. Received: max_timesteps=None, "
+                f"input_shape={sequences_shape}"
+            )
+        width = self.num_gates * self.units
+        self.kernel = self.add_weight(
+            shape=(sequences_shape[-1], width),
+            name="kernel",
+            initializer=self.kernel_initializer,
+            regularizer=self.kernel_regularizer,
+            constraint=self.kernel_constraint,
+            autocast=False,
+        )
+        self.recurrent_kernel = self.add_weight(
+            shape=(self.units, width),
+            name="recurrent_kernel",
+            initializer=self.recurrent_initializer,
+            regularizer=self.recurrent_regularizer,
+            constraint=self.recurrent_constraint,
+            autocast=False,
+        )
+        self.bias = None
+        if self.use_bias:
+            self.bias = self.add_weight(
+                shape=self._bias_shape(),
+                name="bias",
+                initializer=self._bias_initializer(),
+                regularizer=self.bias_regularizer,
+                constraint=self.bias_constraint,
+                autocast=False,
+            )
+        self.input_gamma = self._add_parameter(
+            "input_gamma", width, self.input_gamma_initializer
+        )
+        self.recurrent_gamma = self._add_parameter(
+            "recurrent_gamma", width, self.recurrent_gamma_initializer
+        )
+        self._build_step_parameters()
+        input_rows = self.num_slots if self.statistics == "per_step" else 1
+        self._add_moving_statistics("input", input_rows, width)
+        for name, size in self.step_terms:
+            self._add_moving_statistics(
+                name, self.num_slots, size * self.units
+            )
+        self.input_updates = self._add_counter("input_updates", input_rows)
+        self.step_updates = self._add_counter("step_updates", self.num_slots)
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        """Runs the recurrence over `sequences`, in the order given.
+
+        Returns the hidden state of every step, `(batch, timesteps,
+        units)`, and the list of final states. Masked steps carry the states
+        of the step before.
+        """
+        dtype = _statistics.statistics_dtype(sequences.dtype)
+        x = ops.cast(sequences, dtype)
+        batch, steps = ops.shape(x)[0], ops.shape(x)[1]
+        training = bool(training) and self.trainable
+        if mask is not None:
+            mask = ops.expand_dims(ops.cast(mask, dtype), -1)
+        if training and self.dropout > 0:
+            x = x * ops.expand_dims(
+                self._dropout_mask((batch, ops.shape(x)[2]), self.dropout, x),
+                1,
+            )
+        scale, offset, input_stats = self._input_term(
+            x, mask, training, steps
+        )
+        states = self._initial_states(initial_state, batch, dtype, training)
+        recurrent_mask = None
+        if training and self.recurrent_dropout > 0:
+            recurrent_mask = self._dropout_mask(
+                (batch, self.units), self.recurrent_dropout, x
+            )
+        time_major = [ops.transpose(x, (1, 0, 2)), scale, offset]
+        if mask is not None:
+            time_major.append(ops.transpose(mask, (1, 0, 2)))
+        if not training:
+            slots = ops.minimum(ops.arange(steps), self.num_slots - 1)
+            for name, _ in self.step_terms:
+                time_major.extend(
+                    ops.take(ops.cast(v, dtype), slots, axis=0)
+                    for v in self._moving_statistics(name)
+                )
+        # Read once, outside the loop: reading the variables in every step
+        # (and accumulating their gradients there) is measurably slower.
+        weights = self._step_weights(dtype)
+
+        def step(carry, xs):
+            xs = list(xs)
+            x_t, scale_t, offset_t = xs[:3]
+            del xs[:3]
+            inputs_t = ops.matmul(x_t, weights["kernel"]) * scale_t + offset_t
+            mask_t = xs.pop(0) if mask is not None else None
+            old = list(carry)
+            population = None
+            if not training:
+                population = [
+                    tuple(xs[i : i + 2])
+                    for i in range(0, 2 * len(self.step_terms), 2)
+                ]
+            new, stats = self._step(
+                inputs_t, old, weights, population, mask_t, recurrent_mask
+            )
+            if mask_t is not None:
+                new = [ops.where(mask_t > 0, n, o) for n, o in zip(new, old)]
+            if not training:
+                return tuple(new), (new[0],)
+            # One output for all statistics: every output of the loop costs
+            # a stack of its own in the gradient.
+            stats = ops.stop_gradient(ops.concatenate(stats))
+            return tuple(new), (new[0], stats)
+
+        # Per step term: mean and variance (`size * units` each) and count.
+        sizes = []
+        for _, size in self.step_terms:
+            sizes += [size * self.units] * 2 + [1]
+        outputs_like = [states[0]]
+        if training:
+            outputs_like.append(ops.zeros((sum(sizes),), dtype))
+        last, sequence = _scan(
+            step, tuple(states), tuple(time_major), tuple(outputs_like)
+        )
+        if training:
+            valid = self._update_moving_statistics("input", *input_stats)
+            self._count_updates(self.input_updates, valid)
+            step_stats = ops.split(
+                sequence[1], [int(i) for i in np.cumsum(sizes)[:-1]], axis=-1
+            )
+            for i, (name, _) in enumerate(self.step_terms):
+                valid = self._update_moving_statistics(
+                    name, *step_stats[3 * i : 3 * i + 3]
+                )
+            # Every step term counts the same (unmasked) examples.
+            self._count_updates(self.step_updates, valid)
+        outputs = ops.transpose(sequence[0], (1, 0, 2))
+        return outputs, list(last)
+
+    def compute_mask(self, sequences, mask=None):
+        # The owning layer decides which mask its outputs carry.
+        return None
+
+    def get_config(self):
+        config = {
+            "units": self.units,
+            "activation": activations.serialize(self.activation),
+            "recurrent_activation": activations.serialize(
+                self.recurrent_activation
+            ),
+            "use_bias": self.use_bias,
+            "kernel_initializer": initializers.serialize(
+                self.kernel_initializer
+            ),
+            "recurrent_initializer": initializers.serialize(
+                self.recurrent_initializer
+            ),
+            "bias_initializer": initializers.serialize(self.bias_initializer),
+            "kernel_regularizer": regularizers.serialize(
+                self.kernel_regularizer
+            ),
+            "recurrent_regularizer": regularizers.serialize(
+                self.recurrent_regularizer
+            ),
+            "bias_regularizer": regularizers.serialize(self.bias_regularizer),
+            "kernel_constraint": constraints.serialize(self.kernel_constraint),
+            "recurrent_constraint": constraints.serialize(
+                self.recurrent_constraint
+            ),
+            "bias_constraint": constraints.serialize(self.bias_constraint),
+            "dropout": self.dropout,
+            "recurrent_dropout": self.recurrent_dropout,
+            "seed": self.seed,
+            "max_timesteps": self.max_timesteps,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "statistics": self.statistics,
+            "input_gamma_initializer": initializers.serialize(
+                self.input_gamma_initializer
+            ),
+            "recurrent_gamma_initializer": initializers.serialize(
+                self.recurrent_gamma_initializer
+            ),
+            "initial_state_noise": self.initial_state_noise,
+        }
+        return {**super().get_config(), **config}
+
+    def _bias_shape(self):
+        return (self.num_gates * self.units,)
+
+    def _bias_initializer(self):
+        return self.bias_initializer
+
+    def _build_step_parameters(self):
+        """Creates the weights that only the subclass's step uses."""
+
+    def _step_weights(self, dtype):
+        """The weights the loop uses, as tensors of `dtype`."""
+        return {
+            "kernel": ops.cast(self.kernel, dtype),
+            "recurrent_kernel": ops.cast(self.recurrent_kernel, dtype),
+            "recurrent_gamma": ops.cast(self.recurrent_gamma, dtype),
+        }
+
+    def _step(self, inputs, states, weights, population, mask, recurrent_mask):
+        """One step: `(new_states, statistics)`.
+
+        Args:
+            inputs: The normalized input term of the step, biases added.
+            states: List of the previous states.
+            weights: `_step_weights`.
+            population: `None` in training; in inference, a `(mean,
+                variance)` pair for each of `step_terms`.
+            mask: `None` or `(batch, 1)`, zero for padded examples.
+            recurrent_mask: `None` or the recurrent-dropout mask.
+
+        Returns:
+            The new states (before masking) and, in training, `(mean,
+            variance, count)` of each of `step_terms`, flattened.
+        """
+        raise NotImplementedError
+
+    def _recurrent_term(
+        self, states, weights, population, mask, recurrent_mask
+    ):
+        """`BN(W_h h; gamma_h)` and its statistics."""
+        h = states[0]
+        if recurrent_mask is not None:
+            h = h * recurrent_mask
+        product = ops.matmul(h, weights["recurrent_kernel"])
+        return self._normalize_step(
+            product, weights["recurrent_gamma"], None, population, mask
+        )
+
+    def _normalize_step(self, value, gamma, beta, population, mask):
+        """Normalizes `value` over the batch, or with `population`."""
+        if population is None:
+            mean, variance, count = _statistics.moments(value, [0], mask)
+            stats = (mean[0], variance[0], _step_count(count, mask))
+        else:
+            mean, variance = population
+            stats = ()
+        return self._affine(value, mean, variance, gamma, beta), stats
+
+    def _affine(self, value, mean, variance, gamma, beta):
+        scale, offset = self._scale_offset(mean, variance, gamma, beta)
+        return value * scale + offset
+
+    def _scale_offset(self, mean, variance, gamma, beta):
+        """`BN(v) = v * scale + offset` for the given statistics."""
+        scale = ops.rsqrt(variance + self.epsilon) * ops.cast(
+            gamma, mean.dtype
+        )
+        offset = -mean * scale
+        if beta is not None:
+            offset = offset + ops.cast(beta, mean.dtype)
+        return scale, offset
+
+    def _input_term(self, x, mask, training, steps):
+        """`(scale, offset)` of the input term, and its batch statistics.
+
+        `BN(W_x x_t; gamma_x) + b = (W_x x_t) * scale[t] + offset[t]`, with
+        `scale` and `offset` of shape `(steps, 4 * units)`. The statistics
+        of all steps come from one product outside the loop; the loop
+        multiplies each step's `x_t` by `W_x` again, which is faster than
+        reading a wide normalized sequence in it (and the same function, so
+        gradients are exact).
+        """
+        if training:
+            product = ops.matmul(x, ops.cast(self.kernel, x.dtype))
+            axes = [0] if self.statistics == "per_step" else [0, 1]
+            mean, variance, count = _statistics.moments(product, axes, mask)
+            mean, variance = mean[0], variance[0]
+            stats = (
+                mean, variance,
+                ops.reshape(_step_count(count, mask), (-1, 1)),
+            )
+        else:
+            mean, variance = (
+                ops.cast(v, x.dtype) for v in self._moving_statistics("input")
+            )
+            if self.statistics == "per_step":
+                slots = ops.minimum(ops.arange(steps), self.num_slots - 1)
+                mean = ops.take(mean, slots, axis=0)
+                variance = ops.take(variance, slots, axis=0)
+            stats = None
+        scale, offset = self._scale_offset(
+            mean, variance, self.input_gamma, None
+        )
+        offset = offset + self._input_bias(x.dtype)
+        shape = (steps, self.num_gates * self.units)
+        return (
+            ops.broadcast_to(scale, shape),
+            ops.broadcast_to(offset, shape),
+            stats,
+        )
+
+    def _input_bias(self, dtype):
+        """The bias added to the input term, outside the loop."""
+        if self.bias is None:
+            return 0.0
+        return ops.cast(self.bias, dtype)
+
+    def _initial_states(self, initial_state, batch, dtype, training):
+        if initial_state is None:
+            states = [
+                ops.zeros((batch, size), dtype) for size in self.state_size
+            ]
+        else:
+            if not isinstance(initial_state, (list, tuple)):
+                initial_state = [initial_state]
+            if len(initial_state) != len(self.state_size):
+                raise ValueError(
+                    f"Layer '{self.name}' has {len(self.state_size)} "
+                    "states, so `initial_state` must be a list of that many "
+                    "tensors. Received: "
+                    f"{len(initial_state)} initial states"
+                )
+            states = [ops.cast(s, dtype) for s in initial_state]
+        if training and self.initial_state_noise > 0:
+            # The paper's fix for early steps whose recurrent term has zero
+            # variance over the batch (e.g. all-black first pixels): their
+            # normalization would blow up the gradients.
+            states[0] = states[0] + keras.random.normal(
+                ops.shape(states[0]),
+                stddev=self.initial_state_noise,
+                dtype=dtype,
+                seed=self.seed_generator,
+            )
+        return states
+
+    def _dropout_mask(self, shape, rate, x):
+        return keras.random.dropout(
+            ops.ones(shape, x.dtype), rate=rate, seed=self.seed_generator
+        )
+
+    def _update_moving_statistics(self, name, mean, variance, count):
+        """Writes one call's batch statistics into the moving statistics.
+
+        Returns the number of steps behind each row's update, `(rows, 1)`.
+        """
+        moving_mean, moving_variance = self._moving_statistics(name)
+        counter = (
+            self.input_updates if name == "input" else self.step_updates
+        )
+        rows = moving_mean.shape[0]
+        mean, variance, valid = _statistics.combine_steps(
+            mean, variance, count, rows
+        )
+        decay = _statistics.bias_corrected_decay(
+            self.momentum, ops.cast(ops.reshape(counter, (rows, 1)), mean.dtype)
+        )
+        _statistics.assign_moving_average(moving_mean, mean, decay, valid)
+        _statistics.assign_moving_average(
+            moving_variance, variance, decay, valid
+        )
+        return valid
+
+    def _count_updates(self, counter, valid):
+        counter.assign_add(
+            ops.cast(ops.greater(valid[:, 0], 0.0), counter.dtype)
+        )
+
+    def _add_parameter(self, name, size, initializer):
+        return self.add_weight(
+            shape=(size,), name=name, initializer=initializer, autocast=False
+        )
+
+    def _add_moving_statistics(self, term, rows, width):
+        for kind, initializer in (("mean", "zeros"), ("variance", "ones")):
+            name = f"moving_{term}_{kind}"
+            setattr(
+                self,
+                name,
+                self.add_weight(
+                    shape=(rows, width),
+                    name=name,
+                    initializer=initializer,
+                    trainable=False,
+                    autocast=False,
+                    aggregation="mean",
+                ),
+            )
+
+    def _moving_statistics(self, term):
+        return (
+            getattr(self, f"moving_{term}_mean"),
+            getattr(self, f"moving_{term}_variance"),
+        )
+
+    def population_statistics(self):
+        """`(counter, moving statistics)` pairs for `recompute_statistics`.
+
+        Each counter holds one update count per row (time step) of the
+        moving statistics listed with it; the bias-corrected average writes
+        a row's batch statistics outright while its count is zero.
+        """
+        steps = [
+            weight
+            for name, _ in self.step_terms
+            for weight in self._moving_statistics(name)
+        ]
+        return [
+            (self.input_updates, list(self._moving_statistics("input"))),
+            (self.step_updates, steps),
+        ]
+
+    def _add_counter(self, name, rows):
+        return self.add_weight(
+            shape=(rows,),
+            name=name,
+            initializer="zeros",
+            dtype="int32",
+            trainable=False,
+            aggregation="only_first_replica",
+        )
+
+
+@saving.register_keras_serializable(package="keras_bn")
+class BNLSTMCell(_BNRecurrentCell):
+    """The weights and the recurrence of `BNLSTM`.
+
+    Unlike `keras.layers.LSTMCell`, this cell runs over whole sequences
+    (inputs of shape `(batch, timesteps, features)`): its statistics depend
+    on the step index, and it writes the per-step batch statistics into the
+    moving statistics once, after the loop. Use it through `BNLSTM`, which
+    adds the `keras.layers.LSTM` interface (`return_sequences`,
+    `go_backwards`, ...); the arguments and the equations are documented
+    there.
+
+    Call arguments:
+        sequences: Tensor of shape `(batch, timesteps, features)`.
+        initial_state: Optional list `[h, c]`, each `(batch, units)`.
+        mask: Optional boolean tensor `(batch, timesteps)`.
+        training: Python boolean, training or inference mode.
+
+    Returns `(outputs, [h, c])`: the hidden states of every step, `(batch,
+    timesteps, units)`, and the final states.
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_bn
+    >>> cell = keras_bn.BNLSTMCell(3)
+    >>> x = np.ones((2, 5, 4), "float32")
+    >>> outputs, (h, c) = cell(x)
+    >>> tuple(outputs.shape), tuple(h.shape)
+    ((2, 5, 3), (2, 3))
+
+    Reference:
+
+    - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025).
+    """
+
+    num_gates = 4
+    step_terms = (("recurrent", 4), ("cell", 1))
+
+    def __init__(
+        self,
+        units,
+        unit_forget_bias=True,
+        cell_gamma_initializer=0.1,
+        cell_beta_initializer="zeros",
+        **kwargs,
+    ):
+        super().__init__(units, **kwargs)
+        self.unit_forget_bias = bool(unit_forget_bias)
+        self.cell_gamma_initializer = _initializer(cell_gamma_initializer)
+        self.cell_beta_initializer = initializers.get(cell_beta_initializer)
+        self.state_size = [self.units, self.units]
+
+    def get_config(self):
+        config = {
+            "unit_forget_bias": self.unit_forget_bias,
+            "cell_gamma_initializer": initializers.serialize(
+                self.cell_gamma_initializer
+            ),
+            "cell_beta_initializer": initializers.serialize(
+                self.cell_beta_initializer
+            ),
+        }
+        return {**super().get_config(), **config}
+
+    def _bias_initializer(self):
+        if not self.unit_forget_bias:
+            return self.bias_initializer
+        units, initializer = self.units, self.bias_initializer
+
+        def bias_initializer(shape, dtype=None):
+            return ops.concatenate(
+                [
+                    initializer((units,), dtype=dtype),
+                    ops.ones((units,), dtype=dtype),
+                    initializer((units * 2,), dtype=dtype),
+                ]
+            )
+
+        return bias_initializer
+
+    def _build_step_parameters(self):
+        self.cell_gamma = self._add_parameter(
+            "cell_gamma", self.units, self.cell_gamma_initializer
+        )
+        self.cell_beta = self._add_parameter(
+            "cell_beta", self.units, self.cell_beta_initializer
+        )
+
+    def _step_weights(self, dtype):
+        return {
+            **super()._step_weights(dtype),
+            "cell_gamma": ops.cast(self.cell_gamma, dtype),
+            "cell_beta": ops.cast(self.cell_beta, dtype),
+        }
+
+    def _step(self, inputs, states, weights, population, mask, recurrent_mask):
+        recurrent_population = cell_population = None
+        if population is not None:
+            recurrent_population, cell_population = population
+        recurrent, recurrent_stats = self._recurrent_term(
+            states, weights, recurrent_population, mask, recurrent_mask
+        )
+        i, f, g, o = ops.split(inputs + recurrent, 4, axis=-1)
+        c = self.recurrent_activation(f) * states[1] + (
+            self.recurrent_activation(i) * self.activation(g)
+        )
+        normalized, cell_stats = self._normalize_step(
+            c, weights["cell_gamma"], weights["cell_beta"], cell_population,
+            mask,
+        )
+        h = self.recurrent_activation(o) * self.activation(normalized)
+        return [h, c], recurrent_stats + cell_stats
+
+
+class _BNRecurrent(layers.Layer):
+    """The `keras.layers.RNN` interface around a `_BNRecurrentCell`."""
+
+    def __init__(
+        self,
+        cell,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        zero_output_for_mask=False,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.cell = cell
+        self.return_sequences = bool(return_sequences)
+        self.return_state = bool(return_state)
+        self.go_backwards = bool(go_backwards)
+        self.zero_output_for_mask = bool(zero_output_for_mask)
+        # Accepted by `keras.layers.Bidirectional`; stateful use is not
+        # supported.
+        self.stateful = False
+        self.states = None
+        self.supports_masking = True
+
+    def build(self, sequences_shape, initial_state_shape=None):
+        self.cell.build(sequences_shape)
+        self.input_spec = layers.InputSpec(
+            ndim=3, axes={-1: sequences_shape[-1]}
+        )
+
+    def compute_output_shape(self, sequences_shape, initial_state_shape=None):
+        batch = sequences_shape[0]
+        if self.return_sequences:
+            output_shape = (batch, sequences_shape[1], self.cell.units)
+        else:
+            output_shape = (batch, self.cell.units)
+        if not self.return_state:
+            return output_shape
+        states = [(batch, size) for size in self.cell.state_size]
+        return (output_shape, *states)
+
+    def compute_mask(self, _, mask):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        output_mask = mask if self.return_sequences else None
+        if self.return_state:
+            return [output_mask] + [None] * len(self.cell.state_size)
+        return output_mask
+
+    def call(self, sequences, initial_state=None, mask=None, training=False):
+        if isinstance(mask, (list, tuple)):
+            mask = mask[0]
+        if self.go_backwards:
+            sequences = ops.flip(sequences, axis=1)
+            if mask is not None:
+                mask = ops.flip(mask, axis=1)
+        outputs, states = self.cell(
+            sequences, initial_state=initial_state, mask=mask,
+            training=training,
+        )
+        if self.return_sequences:
+            if self.zero_output_for_mask and mask is not None:
+                outputs = ops.where(
+                    ops.expand_dims(mask, -1), outputs, ops.zeros_like(outputs)
+                )
+        else:
+            outputs = states[0]
+        outputs = ops.cast(outputs, self.compute_dtype)
+        if self.return_state:
+            states = [ops.cast(s, self.compute_dtype) for s in states]
+            return [outputs] + states
+        return outputs
+
+    def get_config(self):
+        config = self.cell.get_config()
+        for key in ("name", "trainable", "dtype"):
+            config.pop(key, None)
+        config.update(
+            {
+                "return_sequences": self.return_sequences,
+                "return_state": self.return_state,
+                "go_backwards": self.go_backwards,
+                "zero_output_for_mask": self.zero_output_for_mask,
+            }
+        )
+        return {**super().get_config(), **config}
+
+
+@saving.register_keras_serializable(package="keras_bn")
+class BNLSTM(_BNRecurrent):
+    """Long short-term memory with recurrent batch normalization.
+
+    The LSTM of Cooijmans et al. (2016): the input and recurrent products
+    are batch-normalized separately, and so is the cell state on its way to
+    the output,
+
+        (i, f, g, o) = BN(W_h h_{t-1}; gamma_h) + BN(W_x x_t; gamma_x) + b
+        c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g)
+        h_t = sigmoid(o) * tanh(BN(c_t; gamma_c, beta_c))
+
+    with `BN(z; gamma, beta) = gamma * (z - mean) / sqrt(var + epsilon) +
+    beta`. The two products have no offset of their own (the bias `b`
+    serves); the carried `c_t` is not normalized. The gate order in
+    `kernel`, `recurrent_kernel` and `bias` is Keras's `(i, f, g, o)`, so
+    these weights move to and from `keras.layers.LSTM` with `set_weights`.
+
+    **Statistics per time step.** In training, `mean` and `var` are the
+    mean and biased variance over the batch, separately for every step `t`
+    (padded steps left out); `gamma` and `beta` are shared over time. With
+    `statistics="shared"` the input term is normalized with statistics
+    pooled over the batch and all steps (sequence-wise batch normalization,
+    Laurent et al. 2016, which variable-length batches need), while the
+    recurrent and cell terms keep per-step statistics, since a step cannot
+    wait for the later steps of its own recurrence.
+
+    **Population statistics.** The moving statistics are kept for each of
+    the first `max_timesteps` steps, shaped `(max_timesteps, features)`
+    (one row for the shared input term). In inference, step `t` uses row
+    `min(t, max_timesteps - 1)`, so sequences longer than in training use
+    the last kept step. In training, steps past the last row update it with
+    the mean of their statistics. The loop returns the batch statistics of
+    every step and the moving statistics are updated once per call, after
+    it, as a bias-corrected exponential moving average:
+
+        moving = sum_k (1 - momentum) momentum^(n - k) stat_k
+                 / (1 - momentum^n)
+
+    over the `n` batches seen so far (counted per row, in the non-trainable
+    `input_updates` and `step_updates`). The first batch sets the moving
+    statistics outright, so they never carry their initial values: with the
+    plain moving average that `keras.layers.BatchNormalization` keeps, the
+    initial variance of 1 still dominates the tiny variances of recurrent
+    pre-activations after hundreds of steps, and inference with it is badly
+    off. The default `momentum=0.9` (Keras layers use 0.99) keeps the
+    statistics within about ten batches of the current weights, which the
+    statistics of recurrent terms need while the weights still move fast;
+    with long training on small batches, a larger momentum averages out more
+    noise. For the most accurate population statistics, recompute them
+    after training with the weights frozen (Wu & Johnson, 2021).
+
+    Statistics and the recurrence are computed in float32 (or wider, for
+    float64 inputs) under mixed precision; the outputs have the layer's
+    compute dtype. Masked steps carry the states of the step before through,
+    as in `keras.layers.LSTM`; the outputs at masked steps are those states
+    (zeros with `zero_output_for_mask=True`, which `Bidirectional` sets).
+    With `go_backwards=True` the steps are counted in the order they are
+    processed, from the end of the sequence.
+
+    Args:
+        units: Positive integer, dimensionality of the output space.
+        activation: Activation of the candidate and of the output. Defaults
+            to `"tanh"`.
+        recurrent_activation: Activation of the gates. Defaults to
+            `"sigmoid"`.
+        use_bias: Whether to add the bias `b`. Defaults to `True`.
+        kernel_initializer: Initializer for `kernel` (`W_x`). Defaults to
+            `"glorot_uniform"`.
+        recurrent_initializer: Initializer for `recurrent_kernel` (`W_h`).
+            Defaults to `"orthogonal"`.
+        bias_initializer: Initializer for `bias`. Defaults to `"zeros"`.
+        unit_forget_bias: If `True`, the forget-gate bias starts at 1.
+            Defaults to `True`.
+        kernel_regularizer: Regularizer for `kernel`. Defaults to `None`.
+        recurrent_regularizer: Regularizer for `recurrent_kernel`. Defaults
+            to `None`.
+        bias_regularizer: Regularizer for `bias`. Defaults to `None`.
+        kernel_constraint: Constraint for `kernel`. Defaults to `None`.
+        recurrent_constraint: Constraint for `recurrent_kernel`. Defaults to
+            `None`.
+        bias_constraint: Constraint for `bias`. Defaults to `None`.
+        dropout: Float in `[0, 1)`, the fraction of the input features
+            dropped (one mask per sequence). Defaults to `0.0`.
+        recurrent_dropout: Float in `[0, 1)`, the fraction of `h_{t-1}`
+            dropped before `W_h` (one mask per sequence). Defaults to `0.0`.
+        seed: Random seed for dropout and the initial-state noise. Defaults
+            to `None`.
+        max_timesteps: Positive integer, the number of steps that keep
+            their own moving statistics, or `None` for the number of
+            timesteps of the input the layer is built on (which must then
+            be known). Defaults to `None`.
+        momentum: Float in `[0, 1)`, the decay of the bias-corrected moving
+            averages. Defaults to `0.9`.
+        epsilon: Positive float added to the variances. Defaults to `1e-3`.
+        statistics: `"per_step"` or `"shared"` (input-term statistics pooled
+            over batch and time). Defaults to `"per_step"`.
+        input_gamma_initializer: Initializer (or float) for `input_gamma`.
+            Defaults to `0.1`: larger values saturate the gates.
+        recurrent_gamma_initializer: Initializer (or float) for
+            `recurrent_gamma`. Defaults to `0.1`.
+        cell_gamma_initializer: Initializer (or float) for `cell_gamma`.
+            Defaults to `0.1`.
+        cell_beta_initializer: Initializer for `cell_beta`. Defaults to
+            `"zeros"`.
+        initial_state_noise: Non-negative float, the standard deviation of
+            Gaussian noise added to the initial hidden state in training.
+            The paper uses 0.1 when early steps have zero variance over the
+            batch (e.g. black border pixels). Defaults to `0.0`.
+        return_sequences: Whether to return every step's output, or only
+            the last. Defaults to `False`.
+        return_state: Whether to also return the final `h` and `c`.
+            Defaults to `False`.
+        go_backwards: Whether to process the sequence backwards and return
+            the reversed sequence. Defaults to `False`.
+        zero_output_for_mask: Whether masked steps output zeros (with
+            `return_sequences=True`). Defaults to `False`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+
+    Call arguments:
+        sequences: A 3D tensor `(batch, timesteps, features)`.
+        initial_state: Optional list `[h, c]` of tensors `(batch, units)`.
+        mask: Optional boolean tensor `(batch, timesteps)`; `False` marks
+            padded steps, left out of their step's statistics.
+        training: Python boolean: batch statistics and moving-statistics
+            updates (`True`), or the moving statistics (`False`).
+
+    Example:
+
+    >>> import numpy as np
+    >>> import keras_bn
+    >>> x = np.random.default_rng(0).normal(size=(8, 5, 4)).astype("float32")
+    >>> layer = keras_bn.BNLSTM(3, return_sequences=True)
+    >>> tuple(layer(x, training=True).shape)
+    (8, 5, 3)
+    >>> tuple(layer.cell.moving_recurrent_mean.shape)
+    (5, 12)
+
+    Reference:
+
+    - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025).
+    - [Laurent et al., 2016](https://arxiv.org/abs/1510.01378)
+      (`statistics="shared"`).
+    """
+
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        unit_forget_bias=True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        max_timesteps=None,
+        momentum=0.9,
+        epsilon=1e-3,
+        statistics="per_step",
+        input_gamma_initializer=0.1,
+        recurrent_gamma_initializer=0.1,
+        cell_gamma_initializer=0.1,
+        cell_beta_initializer="zeros",
+        initial_state_noise=0.0,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        zero_output_for_mask=False,
+        **kwargs,
+    ):
+        cell = BNLSTMCell(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            unit_forget_bias=unit_forget_bias,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            max_timesteps=max_timesteps,
+            momentum=momentum,
+            epsilon=epsilon,
+            statistics=statistics,
+            input_gamma_initializer=input_gamma_initializer,
+            recurrent_gamma_initializer=recurrent_gamma_initializer,
+            cell_gamma_initializer=cell_gamma_initializer,
+            cell_beta_initializer=cell_beta_initializer,
+            initial_state_noise=initial_state_noise,
+            name="bnlstm_cell",
+            **_cell_kwargs(kwargs),
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            zero_output_for_mask=zero_output_for_mask,
+            **kwargs,
+        )
+
+
+def _cell_kwargs(kwargs):
+    """The base-layer arguments a layer passes on to its cell."""
+    return {
+        "dtype": kwargs.get("dtype"),
+        "trainable": kwargs.get("trainable", True),
+    }
+
+
+def _scan(step, init, xs, outputs_like):
+    """`keras.ops.scan` whose TensorFlow loop also compiles with XLA.
+
+    `step(carry, xs)` returns the new carry and the step's outputs, shaped
+    like `outputs_like`. TensorFlow's gradient of a loop needs
+    `maximum_iterations` under XLA, which the TensorFlow `keras.ops.scan`
+    does not set; this sets it, as the TensorFlow backend's `rnn` does.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return ops.scan(step, init, xs)
+    import tensorflow as tf
+
+    steps = xs[0].shape[0] or tf.shape(xs[0])[0]
+    inputs = [
+        tf.TensorArray(x.dtype, size=steps, element_shape=x.shape[1:])
+        .unstack(x)
+        for x in xs
+    ]
+    outputs = [
+        tf.TensorArray(o.dtype, size=steps, element_shape=o.shape)
+        for o in outputs_like
+    ]
+
+    def body(t, carry, outputs):
+        carry, ys = step(tuple(carry), tuple(a.read(t) for a in inputs))
+        outputs = [o.write(t, y) for o, y in zip(outputs, ys)]
+        return t + 1, list(carry), outputs
+
+    _, carry, outputs = tf.while_loop(
+        lambda t, *_: t < steps,
+        body,
+        (0, list(init), outputs),
+        maximum_iterations=steps,
+        swap_memory=True,
+    )
+    return tuple(carry), tuple(o.stack() for o in outputs)
+
+
+def _step_count(count, mask):
+    """The elements behind each step's statistics, flattened.
+
+    With a mask, `moments` counts every feature separately; they all count
+    the same examples.
+    """
+    if mask is not None:
+        count = count[..., :1]
+    return ops.reshape(count, (-1,))
+
+
+def _positive_int(name, value):
+    if (
+        not isinstance(value, numbers.Integral)
+        or isinstance(value, bool)
+        or value <= 0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be a positive integer. Received: "
+            f"{name}={value}"
+        )
+    return int(value)
+
+
+def _rate(name, value):
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not 0.0 <= value < 1.0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be a float in [0, 1). Received: "
+            f"{name}={value}"
+        )
+    return float(value)
+
+
+def _momentum(momentum):
+    if (
+        not isinstance(momentum, numbers.Real)
+        or isinstance(momentum, bool)
+        or not 0.0 <= momentum < 1.0
+    ):
+        raise ValueError(
+            "Argument `momentum` must be a float in [0, 1). Received: "
+            f"momentum={momentum}"
+        )
+    return float(momentum)
+
+
+def _epsilon(epsilon):
+    if (
+        not isinstance(epsilon, numbers.Real)
+        or isinstance(epsilon, bool)
+        or not epsilon > 0.0
+    ):
+        raise ValueError(
+            "Argument `epsilon` must be a positive float. Received: "
+            f"epsilon={epsilon}"
+        )
+    return float(epsilon)
+
+
+def _non_negative(name, value):
+    if (
+        not isinstance(value, numbers.Real)
+        or isinstance(value, bool)
+        or not value >= 0.0
+    ):
+        raise ValueError(
+            f"Argument `{name}` must be a non-negative float. Received: "
+            f"{name}={value}"
+        )
+    return float(value)
+
+
+def _initializer(value):
+    """`initializers.get`, also accepting a float for a constant."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return initializers.Constant(float(value))
+    return initializers.get(value)
