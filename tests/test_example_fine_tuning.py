@@ -33,7 +33,7 @@ def test_quick_run_writes_finite_aucs_and_plot():
         with open(os.path.join(tmp, "results.json")) as f:
             aucs = json.load(f)["auc"]
         assert set(aucs) == {
-            "no adaptation", "BN trainable", "BN frozen",
+            "no adaptation", "statistics only", "BN trainable", "BN frozen",
             "statistics re-estimated",
         }
         for values in aucs.values():
