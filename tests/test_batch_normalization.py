@@ -609,21 +609,6 @@ class XLATest(test_case.LayerTestCase):
             self.assertAllClose(a, b, atol=1e-5, rtol=1e-4, msg=a.path)
 
 
-_STRATEGIES = {}
-
-
-def mirrored_strategy():
-    """One strategy per process: TensorFlow's collective keys restart with
-    every new strategy, so a second one can collide with the first's."""
-    if "mirrored" not in _STRATEGIES:
-        import tensorflow as tf
-
-        _STRATEGIES["mirrored"] = tf.distribute.MirroredStrategy(
-            ["CPU:0", "CPU:1"]
-        )
-    return _STRATEGIES["mirrored"]
-
-
 @requires_tf
 class MirroredStrategyTest(test_case.LayerTestCase):
     def _run(self, strategy, cfg, x, mask, steps=2):
@@ -651,7 +636,7 @@ class MirroredStrategyTest(test_case.LayerTestCase):
         return out, layer
 
     def _strategy(self):
-        return mirrored_strategy()
+        return test_case.mirrored_strategy()
 
     @parameterized.named_parameters(
         ("plain", {}, None),

@@ -7,7 +7,6 @@ layer's code), with schedules evaluated by `np.interp`; core
 normalization for `rmin = rmax = 1, dmax = 0`.
 """
 
-import functools
 import os
 import tempfile
 
@@ -803,25 +802,6 @@ class XLATest(test_case.LayerTestCase):
         self.assertEqual(_step(compiled.layers[1]), 8)
 
 
-@functools.cache
-def _mirrored_strategy():
-    """One strategy for the whole file, with collective keys of its own.
-
-    Every `MirroredStrategy` numbers its collectives from the same keys and
-    TensorFlow remembers each key's tensor shape for the whole process, so
-    strategies created by other test files would clash with this one. The
-    key base is TensorFlow's knob for tests (see `mirrored_strategy.py`).
-    """
-    import tensorflow as tf
-
-    strategy_cls = tf.distribute.MirroredStrategy
-    base = strategy_cls._collective_key_base
-    strategy_cls._collective_key_base = 7_000_000
-    try:
-        return strategy_cls(["CPU:0", "CPU:1"])
-    finally:
-        strategy_cls._collective_key_base = base
-
 
 @requires_tf
 class MirroredStrategyTest(test_case.LayerTestCase):
@@ -850,7 +830,7 @@ class MirroredStrategyTest(test_case.LayerTestCase):
         return out, layer
 
     def _strategy(self):
-        return _mirrored_strategy()
+        return test_case.mirrored_strategy()
 
     def _weights(self, cfg, shape, rng):
         probe = keras_bn.BatchRenormalization(**cfg)

@@ -5,14 +5,13 @@ Speed is never asserted: the numbers depend on the machine and its load.
 
 import json
 import math
-import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import pytest
 from absl.testing import parameterized
+
+from tests import test_case
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
@@ -24,18 +23,7 @@ ITEMSIZE = {"float32": 4, "mixed_float16": 2}
 
 
 def run_benchmark(*args, timeout):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH")) if p
-    )
-    return subprocess.run(
-        [sys.executable, str(RUN), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+    return test_case.run_script(RUN, *args, timeout=timeout)
 
 
 def positive_finite(value):

@@ -586,11 +586,9 @@ class IntegrationTest(test_case.LayerTestCase):
 
     @requires_tf
     def test_mirrored_strategy(self):
-        import tensorflow as tf
-
         rng = np.random.default_rng(12)
         x = rng.normal(size=(8, 5, FEATURES)).astype("float32")
-        strategy = tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
+        strategy = test_case.mirrored_strategy()
         with strategy.scope():
             model = keras.Sequential(
                 [keras.Input((5, FEATURES)), keras_bn.BNLSTM(UNITS)]

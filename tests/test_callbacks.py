@@ -8,7 +8,6 @@ from absl.testing import parameterized
 
 import keras_bn
 from tests import test_case
-from tests import test_population
 
 
 def make_model(bn_class=keras_bn.BatchNormalization, **bn_kwargs):
@@ -124,7 +123,7 @@ class PreciseBNTest(test_case.LayerTestCase):
         self.assert_precise(model, x[:32], 16)
 
     def test_mirrored_strategy(self):
-        strategy = test_population.mirrored_strategy()
+        strategy = test_case.mirrored_strategy()
         with strategy.scope():
             model = make_model(synchronized=True)
         x, y = data()

@@ -6,12 +6,44 @@ serialization, symbolic and eager calls, a `fit()` step, `.keras`
 save/load with equal outputs, and float32 weights under `mixed_float16`.
 """
 
+import functools
 import os
+import pathlib
+import subprocess
+import sys
 import tempfile
 
 import keras
 import numpy as np
 from absl.testing import parameterized
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def run_script(path, *args, timeout):
+    """Runs a repository script as a user would, from the repository root."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO), env.get("PYTHONPATH")) if p
+    )
+    return subprocess.run(
+        [sys.executable, str(path), *args], capture_output=True, text=True,
+        timeout=timeout, env=env, cwd=REPO,
+    )
+
+
+@functools.cache
+def mirrored_strategy():
+    """The process's one `MirroredStrategy` over the two logical CPUs.
+
+    Every `MirroredStrategy` numbers its collectives from the same keys and
+    TensorFlow remembers each key's tensor shape for the whole process, so
+    a second strategy in one process can clash with the first: every test
+    shares this one.
+    """
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
 
 
 class LayerTestCase(parameterized.TestCase):

@@ -11,7 +11,6 @@ from absl.testing import parameterized
 
 import keras_bn
 from tests import test_case
-from tests import test_population
 
 
 def all_layers(model):
@@ -216,7 +215,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         )
 
     def test_mirrored_strategy_synchronized(self):
-        strategy = test_population.mirrored_strategy()
+        strategy = test_case.mirrored_strategy()
         with strategy.scope():
             model = user_model()
             converted = keras_bn.convert_batch_normalization(

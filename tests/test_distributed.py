@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import keras_bn
+from tests import test_case
 
 WORKER = os.path.join(os.path.dirname(__file__), "distributed_worker.py")
 TIMEOUT = 240
@@ -153,3 +154,56 @@ def test_jax_data_parallel_uses_global_batch():
         with np.load(data, allow_pickle=True) as f:
             initial = list(f["weights"])
         assert not np.allclose(expected[4], initial[4])
+
+
+def _sequence_model(layer):
+    return keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            layer,
+            keras.layers.Flatten(),
+            keras.layers.Dense(1),
+        ]
+    )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "tensorflow", reason="tf.distribute only"
+)
+@pytest.mark.parametrize(
+    "make_layer",
+    [
+        lambda: keras_bn.BatchNormalization(synchronized=True),
+        lambda: keras_bn.BatchRenormalization(
+            synchronized=True, renorm_clipping={"rmax": 2.0, "dmax": 1.0}
+        ),
+        lambda: keras_bn.BNLSTM(4, return_sequences=True),
+        lambda: keras_bn.BNGRU(4, return_sequences=True),
+    ],
+    ids=["BatchNormalization", "BatchRenormalization", "BNLSTM", "BNGRU"],
+)
+def test_every_layer_fits_evaluates_predicts_and_saves_in_scope(make_layer):
+    rng = np.random.default_rng(3)
+    x = rng.normal(0.0, 1.0, (32, 5, 3)).astype("float32")
+    y = rng.normal(0.0, 1.0, (32, 1)).astype("float32")
+    with test_case.mirrored_strategy().scope():
+        model = _sequence_model(make_layer())
+        model.compile(optimizer="adam", loss="mse")
+        before = [keras.ops.convert_to_numpy(w) for w in model.weights]
+        model.fit(x, y, batch_size=16, epochs=2, verbose=0)
+        loss = model.evaluate(x, y, verbose=0)
+        expected = model.predict(x, verbose=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "model.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+        np.testing.assert_allclose(
+            loaded.predict(x, verbose=0), expected, atol=1e-6
+        )
+    assert np.isfinite(loss)
+    moved = [
+        not np.allclose(keras.ops.convert_to_numpy(w), b)
+        for w, b in zip(model.weights, before)
+        if "moving" in w.name
+    ]
+    assert moved and all(moved), "the moving statistics did not change"

@@ -4,27 +4,19 @@ import json
 import math
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "examples" / "stock_series.py"
+from tests import test_case
+
+SCRIPT = test_case.REPO / "examples" / "stock_series.py"
 
 pytest.importorskip("arch", reason="the examples extra is not installed")
 
 
 def _run(*args, timeout=300):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH")) if p
-    )
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-        timeout=timeout, env=env, cwd=REPO,
-    )
+    return test_case.run_script(SCRIPT, *args, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -4,25 +4,17 @@ import json
 import math
 import os
 import pathlib
-import subprocess
-import sys
 import tempfile
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "examples" / "text_generation.py"
+from tests import test_case
+
+SCRIPT = test_case.REPO / "examples" / "text_generation.py"
 
 
 def _run(*args, timeout=300):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH")) if p
-    )
-    return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True,
-        timeout=timeout, env=env, cwd=REPO,
-    )
+    return test_case.run_script(SCRIPT, *args, timeout=timeout)
 
 
 @pytest.mark.slow

@@ -1,15 +1,14 @@
 """Tests of the runnable examples, each run as a user runs it."""
 
 import math
-import os
 import pathlib
 import re
-import subprocess
-import sys
 import tempfile
 
 import pytest
 from absl.testing import parameterized
+
+from tests import test_case
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "examples" / "quickstart.py"
@@ -17,18 +16,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
 def run_example(path, *args, timeout):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO), env.get("PYTHONPATH")) if p
-    )
-    return subprocess.run(
-        [sys.executable, str(path), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-        cwd=REPO,
-    )
+    return test_case.run_script(path, *args, timeout=timeout)
 
 
 class QuickstartTest(parameterized.TestCase):

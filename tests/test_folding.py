@@ -11,7 +11,6 @@ from absl.testing import parameterized
 
 import keras_bn
 from tests import test_case
-from tests import test_population
 
 BN_CLASSES = {
     "core": keras.layers.BatchNormalization,
@@ -249,7 +248,7 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
         self.assertTrue(folded_model.layers[0].use_bias)
 
     def test_mirrored_strategy(self):
-        strategy = test_population.mirrored_strategy()
+        strategy = test_case.mirrored_strategy()
         with strategy.scope():
             model = keras.Sequential(
                 [

@@ -1,6 +1,5 @@
 """Tests of keras_bn.recompute_statistics."""
 
-import functools
 import os
 import tempfile
 
@@ -18,24 +17,6 @@ BN_CLASSES = {
     "keras_bn": keras_bn.BatchNormalization,
 }
 EPSILON = 1e-3
-
-
-@functools.cache
-def mirrored_strategy():
-    """One two-CPU strategy for the tests of the population tools.
-
-    Every `MirroredStrategy` numbers its collectives from the same keys and
-    TensorFlow remembers each key's shape for the whole process, so a
-    strategy per test, or the strategies of other test files, would clash.
-    The key base is TensorFlow's knob for that (`mirrored_strategy.py`).
-    """
-    strategy_cls = tf.distribute.MirroredStrategy
-    base = strategy_cls._collective_key_base
-    strategy_cls._collective_key_base = 9_000_000
-    try:
-        return strategy_cls(["CPU:0", "CPU:1"])
-    finally:
-        strategy_cls._collective_key_base = base
 
 
 def make_model(bn_class, dict_inputs=False, **bn_kwargs):
@@ -314,7 +295,7 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
 
     @parameterized.named_parameters(("plain", False), ("synchronized", True))
     def test_mirrored_strategy(self, synchronized):
-        strategy = mirrored_strategy()
+        strategy = test_case.mirrored_strategy()
         with strategy.scope():
             model = make_model(
                 keras_bn.BatchNormalization, synchronized=synchronized
