@@ -136,7 +136,7 @@ def run(args):
         print(f"seed {seed}: pretraining on the old market")
         pretrained.fit(
             x_old, y_old, batch_size=128, epochs=args.pretrain_epochs,
-            verbose=0 if args.quiet else 2,
+            verbose=0 if args.quiet else 1,
         )
         weights = pretrained.get_weights()
 

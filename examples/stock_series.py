@@ -161,7 +161,7 @@ def run(args):
         history = model.fit(
             xs[train], ys[train], validation_data=(xs[val], ys[val]),
             batch_size=args.batch_size, epochs=args.epochs, shuffle=True,
-            verbose=0 if args.quiet else 2,
+            verbose=0 if args.quiet else 1,
             callbacks=[
                 keras.callbacks.EarlyStopping(
                     patience=3, restore_best_weights=True
