@@ -158,7 +158,7 @@ class Row:
 
 
 def make_pairs(quick):
-    """The compared pairs; layers still being written are skipped."""
+    """The compared pairs of core Keras and keras_bn layers."""
     import keras
 
     import keras_bn
@@ -167,7 +167,9 @@ def make_pairs(quick):
     recurrent_shapes = (
         QUICK_RECURRENT_SHAPES if quick else FULL_RECURRENT_SHAPES
     )
-    pairs = [
+    # Clipping on, as in the paper's relaxed phase, so the clip ops run.
+    clipping = {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}
+    return [
         Pair(
             "BatchNormalization",
             lambda shape, dtype: keras.layers.BatchNormalization(dtype=dtype),
@@ -186,44 +188,32 @@ def make_pairs(quick):
             norm_shapes,
             memory_bound=True,
         ),
+        Pair(
+            "BatchRenormalization",
+            lambda shape, dtype: keras.layers.BatchNormalization(
+                renorm=True, renorm_clipping=clipping, dtype=dtype
+            ),
+            lambda shape, dtype: keras_bn.BatchRenormalization(
+                renorm_clipping=clipping, dtype=dtype
+            ),
+            norm_shapes,
+            memory_bound=True,
+        ),
+        Pair(
+            "LSTM",
+            lambda shape, dtype: keras.layers.LSTM(shape[-1], dtype=dtype),
+            lambda shape, dtype: keras_bn.BNLSTM(shape[-1], dtype=dtype),
+            recurrent_shapes,
+            memory_bound=False,
+        ),
+        Pair(
+            "GRU",
+            lambda shape, dtype: keras.layers.GRU(shape[-1], dtype=dtype),
+            lambda shape, dtype: keras_bn.BNGRU(shape[-1], dtype=dtype),
+            recurrent_shapes,
+            memory_bound=False,
+        ),
     ]
-    if hasattr(keras_bn, "BatchRenormalization"):
-        # Clipping on, as in the paper's relaxed phase, so the clip ops run.
-        clipping = {"rmax": 3.0, "rmin": 1.0 / 3.0, "dmax": 5.0}
-        pairs.append(
-            Pair(
-                "BatchRenormalization",
-                lambda shape, dtype: keras.layers.BatchNormalization(
-                    renorm=True, renorm_clipping=clipping, dtype=dtype
-                ),
-                lambda shape, dtype: keras_bn.BatchRenormalization(
-                    renorm_clipping=clipping, dtype=dtype
-                ),
-                norm_shapes,
-                memory_bound=True,
-            )
-        )
-    if hasattr(keras_bn, "BNLSTM"):
-        pairs.append(
-            Pair(
-                "LSTM",
-                lambda shape, dtype: keras.layers.LSTM(shape[-1], dtype=dtype),
-                lambda shape, dtype: keras_bn.BNLSTM(shape[-1], dtype=dtype),
-                recurrent_shapes,
-                memory_bound=False,
-            )
-        )
-    if hasattr(keras_bn, "BNGRU"):
-        pairs.append(
-            Pair(
-                "GRU",
-                lambda shape, dtype: keras.layers.GRU(shape[-1], dtype=dtype),
-                lambda shape, dtype: keras_bn.BNGRU(shape[-1], dtype=dtype),
-                recurrent_shapes,
-                memory_bound=False,
-            )
-        )
-    return pairs
 
 
 def make_rows(pairs, only):
