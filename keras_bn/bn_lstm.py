@@ -182,8 +182,11 @@ class _BNRecurrentCell(layers.Layer):
                 self._dropout_mask((batch, ops.shape(x)[2]), self.dropout, x),
                 1,
             )
-        scale, offset, input_stats = self._input_term(
-            x, mask, training, steps
+        time_major_x = ops.transpose(x, (1, 0, 2))
+        if mask is not None:
+            mask = ops.transpose(mask, (1, 0, 2))
+        inputs, input_stats = self._input_term(
+            time_major_x, mask, training, steps
         )
         states = self._initial_states(initial_state, batch, dtype, training)
         recurrent_mask = None
@@ -191,9 +194,9 @@ class _BNRecurrentCell(layers.Layer):
             recurrent_mask = self._dropout_mask(
                 (batch, self.units), self.recurrent_dropout, x
             )
-        time_major = [ops.transpose(x, (1, 0, 2)), scale, offset]
+        time_major = [inputs]
         if mask is not None:
-            time_major.append(ops.transpose(mask, (1, 0, 2)))
+            time_major.append(mask)
         if not training:
             slots = ops.minimum(ops.arange(steps), self.num_slots - 1)
             for name, _ in self.step_terms:
@@ -207,9 +210,7 @@ class _BNRecurrentCell(layers.Layer):
 
         def step(carry, xs):
             xs = list(xs)
-            x_t, scale_t, offset_t = xs[:3]
-            del xs[:3]
-            inputs_t = ops.matmul(x_t, weights["kernel"]) * scale_t + offset_t
+            inputs_t = xs.pop(0)
             mask_t = xs.pop(0) if mask is not None else None
             old = list(carry)
             population = None
@@ -375,22 +376,22 @@ class _BNRecurrentCell(layers.Layer):
         return scale, offset
 
     def _input_term(self, x, mask, training, steps):
-        """`(scale, offset)` of the input term, and its batch statistics.
+        """`BN(W_x x_t; gamma_x) + b` of every step, and its statistics.
 
-        `BN(W_x x_t; gamma_x) + b = (W_x x_t) * scale[t] + offset[t]`, with
-        `scale` and `offset` of shape `(steps, 4 * units)`. The statistics
-        of all steps come from one product outside the loop; the loop
-        multiplies each step's `x_t` by `W_x` again, which is faster than
-        reading a wide normalized sequence in it (and the same function, so
-        gradients are exact).
+        `x` is time-major, `(steps, batch, features)`, and so is the
+        result, `(steps, batch, num_gates * units)`. The product of all
+        steps is one matrix product, normalized outside the loop, which
+        only reads its rows: the loop's gradient hands back one tensor for
+        all steps, and the backward pass through the product is again one
+        matrix product.
         """
+        product = ops.matmul(x, ops.cast(self.kernel, x.dtype))
         if training:
-            product = ops.matmul(x, ops.cast(self.kernel, x.dtype))
-            axes = [0] if self.statistics == "per_step" else [0, 1]
+            axes = [1] if self.statistics == "per_step" else [0, 1]
             mean, variance, count = _statistics.moments(product, axes, mask)
-            mean, variance = mean[0], variance[0]
             stats = (
-                mean, variance,
+                ops.reshape(mean, (-1, product.shape[-1])),
+                ops.reshape(variance, (-1, product.shape[-1])),
                 ops.reshape(_step_count(count, mask), (-1, 1)),
             )
         else:
@@ -401,17 +402,14 @@ class _BNRecurrentCell(layers.Layer):
                 slots = ops.minimum(ops.arange(steps), self.num_slots - 1)
                 mean = ops.take(mean, slots, axis=0)
                 variance = ops.take(variance, slots, axis=0)
+            mean = ops.expand_dims(mean, 1)
+            variance = ops.expand_dims(variance, 1)
             stats = None
         scale, offset = self._scale_offset(
             mean, variance, self.input_gamma, None
         )
         offset = offset + self._input_bias(x.dtype)
-        shape = (steps, self.num_gates * self.units)
-        return (
-            ops.broadcast_to(scale, shape),
-            ops.broadcast_to(offset, shape),
-            stats,
-        )
+        return product * scale + offset, stats
 
     def _input_bias(self, dtype):
         """The bias added to the input term, outside the loop."""
