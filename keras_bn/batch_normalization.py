@@ -430,23 +430,28 @@ class BatchNormalization(layers.Layer):
         """
         return self._affine(mean, variance)
 
-    def _fused_scale_offset(self, x):
-        """Scale and offset for the fused kernel in training.
+    def _fused_scale_offset(self, mean, variance):
+        """Scale and offset applied to the batch-normalized input.
+
+        The fused kernel computes `x_hat = (x - mean) / sqrt(variance +
+        epsilon)` with the batch's statistics and returns `x_hat * scale +
+        offset`. Here they are `gamma` and `beta`; subclasses that correct
+        `x_hat` with the batch's statistics (batch renormalization)
+        override this, and the kernel then runs as `_fused_training`
+        describes.
 
         Args:
-            x: The input, reshaped to `(elements, 1, 1, channels)`.
+            mean, variance: The batch's mean and biased variance, in the
+                weights' shape.
 
         Returns:
-            `(scale, offset, statistics)`: vectors that the kernel applies
-            to the batch-normalized input, and the batch's `(mean,
-            variance, count)` for the moving statistics, or `None` to take
-            them from the kernel.
+            `(scale, offset)`, vectors in the weights' shape.
         """
-        del x
+        del mean, variance
         channels = self._param_shape[0]
         scale = ops.ones((channels,)) if self.gamma is None else self.gamma
         offset = ops.zeros((channels,)) if self.beta is None else self.beta
-        return scale, offset, None
+        return scale, offset
 
     def _affine(self, mean, variance):
         """`(scale, offset)` such that the output is `x * scale + offset`.
@@ -536,20 +541,42 @@ def _fused_training(layer, inputs):
     One kernel forward and one backward instead of a chain of element-wise
     ops and reductions; half-precision inputs are read as they are, with
     statistics accumulated in float32 inside the kernel.
+
+    A layer whose scale and offset depend on the batch's statistics
+    (`_fused_scale_offset` overridden) needs them before the kernel runs:
+    they are computed first (one more pass over the input, with no backward
+    pass) and the kernel applies the scale and offset itself. Normalizing
+    with a unit scale and correcting the kernel's output instead measured
+    slower, with and without XLA: the output costs a pass of its own, and
+    so do its gradients.
     """
     import tensorflow as tf
 
-    x = tf.reshape(inputs, (-1, 1, 1, layer._param_shape[0]))
-    scale, offset, statistics = layer._fused_scale_offset(x)
-    y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-        x, scale, offset, epsilon=layer.epsilon, is_training=True
+    channels = layer._param_shape[0]
+    x = tf.reshape(inputs, (-1, 1, 1, channels))
+    count = tf.cast(tf.shape(x)[0], "float32")
+    corrects = (
+        type(layer)._fused_scale_offset
+        is not BatchNormalization._fused_scale_offset
     )
-    if statistics is None:
+    if corrects:
+        mean, variance, count = _statistics.moments(
+            tf.cast(x, _statistics.statistics_dtype(x.dtype)), [0, 1, 2]
+        )
+        mean = tf.reshape(mean, (channels,))
+        variance = tf.reshape(variance, (channels,))
+        scale, offset = layer._fused_scale_offset(mean, variance)
+        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=layer.epsilon, is_training=True
+        )
+    else:
+        scale, offset = layer._fused_scale_offset(None, None)
+        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
+            x, scale, offset, epsilon=layer.epsilon, is_training=True
+        )
         # The kernel returns the unbiased variance; Keras keeps the biased.
-        count = tf.cast(tf.shape(x)[0], variance.dtype)
         variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
-        statistics = (mean, variance, count)
-    layer._update_moving_statistics(*statistics)
+    layer._update_moving_statistics(mean, variance, count)
     return tf.reshape(y, tf.shape(inputs))
 
 

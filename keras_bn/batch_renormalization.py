@@ -301,18 +301,8 @@ class BatchRenormalization(BatchNormalization):
             offset = offset + self._broadcast(self.beta, mean.dtype)
         return scale, offset
 
-    def _fused_scale_offset(self, x):
-        """`r * gamma` and `d * gamma + beta` for the fused kernel.
-
-        The kernel normalizes with the batch's statistics; `r` and `d` need
-        them first, so they are computed here too (their gradient is
-        stopped, so only the kernel's backward pass runs).
-        """
-        x = ops.cast(x, _statistics.statistics_dtype(x.dtype))
-        mean, variance, count = _statistics.moments(x, [0, 1, 2])
-        shape = self._param_shape
-        mean = ops.reshape(mean, shape)
-        variance = ops.reshape(variance, shape)
+    def _fused_scale_offset(self, mean, variance):
+        """`r * gamma` and `d * gamma + beta` for the fused kernel."""
         r, d = self._corrections(
             mean,
             ops.sqrt(variance + self.epsilon),
@@ -321,11 +311,11 @@ class BatchRenormalization(BatchNormalization):
         )
         scale, offset = r, d
         if self.gamma is not None:
-            scale = scale * self.gamma
-            offset = offset * self.gamma
+            scale = scale * ops.cast(self.gamma, mean.dtype)
+            offset = offset * ops.cast(self.gamma, mean.dtype)
         if self.beta is not None:
-            offset = offset + self.beta
-        return scale, offset, (mean, variance, count)
+            offset = offset + ops.cast(self.beta, mean.dtype)
+        return scale, offset
 
     def _corrections(self, mean, stddev, renorm_mean, renorm_stddev):
         """Clipped, gradient-stopped `r` and `d`; records the clipping."""

@@ -5,6 +5,7 @@ the paper and the documented rules, not from the layer's code), core
 `keras.layers.BatchNormalization`, and tf-keras's layer where installed.
 """
 
+import functools
 import os
 import tempfile
 
@@ -719,28 +720,39 @@ class MirroredStrategyTest(test_case.LayerTestCase):
             self.assertAllClose(loaded.predict(x, verbose=0), expected)
 
 
+RENORM = {
+    "renorm": True, "renorm_momentum": 0.5,
+    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
+}
+RENORM_MIXED = {
+    "renorm": True, "renorm_momentum": 0.5,
+    "renorm_clipping": {"rmax": 1.5, "dmax": 0.5},
+}
+
+
 @requires_tf
 class FusedPathTest(test_case.LayerTestCase):
     """TensorFlow's fused kernel and the keras.ops path give equal numbers."""
 
     @parameterized.named_parameters(
-        ("dense", {}, (16, 4), "float32"),
-        ("sequence", {"momentum": 0.5}, (4, 6, 3), "float32"),
+        ("dense", {}, (16, 4), "float32", False),
+        ("sequence", {"momentum": 0.5}, (4, 6, 3), "float32", False),
         ("image_no_affine", {"center": False, "scale": False},
-         (2, 3, 3, 4), "float32"),
-        ("cumulative", {"momentum": None}, (16, 4), "float32"),
-        ("batch_of_one", {"momentum": 0.5}, (1, 4), "float32"),
-        ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16"),
-        ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16"),
-        ("renorm", {"renorm": True, "renorm_momentum": 0.5,
-                    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9,
-                                        "dmax": 0.1}},
-         (8, 3, 4), "float32"),
-        ("renorm_mixed", {"renorm": True, "renorm_momentum": 0.5,
-                          "renorm_clipping": {"rmax": 1.5, "dmax": 0.5}},
-         (8, 3, 4), "mixed_float16"),
+         (2, 3, 3, 4), "float32", False),
+        ("cumulative", {"momentum": None}, (16, 4), "float32", False),
+        ("batch_of_one", {"momentum": 0.5}, (1, 4), "float32", False),
+        ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16", False),
+        ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16", False),
+        ("renorm", RENORM, (8, 3, 4), "float32", False),
+        ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16", False),
+        # Under XLA a renorm layer takes the statistics from the kernel.
+        ("renorm_xla", RENORM, (8, 3, 4), "float32", True),
+        ("renorm_mixed_xla", RENORM_MIXED, (8, 3, 4), "mixed_float16", True),
+        ("renorm_no_affine_xla", dict(RENORM, center=False, scale=False),
+         (2, 3, 3, 4), "float32", True),
+        ("dense_xla", {}, (16, 4), "float32", True),
     )
-    def test_fused_equals_ops_path(self, cfg, shape, dtype):
+    def test_fused_equals_ops_path(self, cfg, shape, dtype, jit):
         import tensorflow as tf
 
         rng = _rng(21)
@@ -752,19 +764,24 @@ class FusedPathTest(test_case.LayerTestCase):
             layer.build(shape)
         _randomize(layers[0], rng)
         layers[1].set_weights(layers[0].get_weights())
+
+        def step(layer, x, w):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = tf.cast(layer(x, training=True), "float32")
+                loss = tf.reduce_sum(y * w)
+            grads = tape.gradient(loss, [x] + layer.trainable_weights)
+            return [y] + grads
+
+        fused_step = functools.partial(step, layers[0])
+        if jit:
+            fused_step = tf.function(fused_step, jit_compile=True)
+        steps = [fused_step, functools.partial(step, layers[1])]
         loose = dtype != "float32"
-        for step in range(3):
-            x = rng.normal(step, 2.0, shape).astype("float32")
-            w = rng.normal(0.0, 1.0, shape).astype("float32")
-            results = []
-            for layer in layers:
-                with tf.GradientTape() as tape:
-                    xt = tf.constant(x)
-                    tape.watch(xt)
-                    y = tf.cast(layer(xt, training=True), "float32")
-                    loss = tf.reduce_sum(y * w)
-                grads = tape.gradient(loss, [xt] + layer.trainable_weights)
-                results.append([y] + grads)
+        for i in range(3):
+            x = tf.constant(rng.normal(i, 2.0, shape).astype("float32"))
+            w = tf.constant(rng.normal(0.0, 1.0, shape).astype("float32"))
+            results = [run(x, w) for run in steps]
             for a, b in zip(*results):
                 self.assertAllClose(
                     a, b, atol=5e-2 if loose else 1e-4,
