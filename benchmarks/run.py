@@ -4,8 +4,9 @@ Times, in one process, a training step (forward, backward to the inputs and
 the weights, moving-statistics update) and an inference call of each
 keras_bn layer and of its core Keras counterpart, side by side, with and
 without XLA (`jit_compile`), in float32 and under `mixed_float16`. Each
-timing is the median over `--repeats` calls after `--warmup` calls; the
-first call (tracing, XLA compilation and one run) is timed on its own.
+timing is the median over `--repeats` calls after `--warmup` calls, the
+core and keras_bn calls alternating; the first call (tracing, XLA
+compilation and one run) is timed on its own.
 
 It also measures the machine's copy bandwidth (a large NumPy copy, bytes
 read plus bytes written over time) and, for every batch-normalization
@@ -40,6 +41,7 @@ os.environ["KERAS_BACKEND"] = "tensorflow"
 
 POLICIES = ("float32", "mixed_float16")
 STEPS = ("train", "inference")
+IMPLEMENTATIONS = ("core", "keras_bn")
 # Bytes a step must move at the least, in passes over the activation
 # tensor, for a tensor too large to stay in cache (benchmarks/README.md).
 # Forward: read x for the statistics, read x and write y. Backward: read x
@@ -276,30 +278,38 @@ def compiled_step(layer, x, step, jit):
     return train, (x, dy)
 
 
-def time_row(row, implementation, warmup, repeats):
-    """First-call time and the timed calls' durations, in seconds."""
+def time_row(row, warmup, repeats):
+    """First-call time and timed durations, in seconds, of both layers.
+
+    The timed calls alternate between core Keras and keras_bn, so that a
+    drift in the machine's speed (another job starting, the CPU clock)
+    touches both alike and the ratio stays fair.
+    """
     import tensorflow as tf
 
     dtype = "float16" if row.policy == "mixed_float16" else "float32"
     x = tf.random.normal(row.shape, mean=1.0, stddev=2.0, dtype=dtype)
-    make_layer = getattr(row.pair, implementation)
-    layer = make_layer(row.shape, row.policy)
-    fn, args = compiled_step(layer, x, row.step, row.jit)
     sync = tf.test.experimental.sync_devices
-
-    start = time.perf_counter()
-    fn(*args)
-    sync()
-    first = time.perf_counter() - start
-    for _ in range(warmup):
-        fn(*args)
-    sync()
-    times = []
-    for _ in range(repeats):
+    calls, first = {}, {}
+    for implementation in IMPLEMENTATIONS:
+        layer = getattr(row.pair, implementation)(row.shape, row.policy)
+        fn, args = compiled_step(layer, x, row.step, row.jit)
         start = time.perf_counter()
         fn(*args)
         sync()
-        times.append(time.perf_counter() - start)
+        first[implementation] = time.perf_counter() - start
+        calls[implementation] = (fn, args)
+    for fn, args in calls.values():
+        for _ in range(warmup):
+            fn(*args)
+    sync()
+    times = {implementation: [] for implementation in calls}
+    for _ in range(repeats):
+        for implementation, (fn, args) in calls.items():
+            start = time.perf_counter()
+            fn(*args)
+            sync()
+            times[implementation].append(time.perf_counter() - start)
     return first, times
 
 
@@ -322,15 +332,15 @@ def measure(row, bandwidth, warmup, repeats):
         "step": row.step,
         "floor_bytes": floor_bytes(row),
     }
-    for implementation in ("core", "keras_bn"):
-        first, times = time_row(row, implementation, warmup, repeats)
-        median = statistics.median(times)
+    first, times = time_row(row, warmup, repeats)
+    for implementation in IMPLEMENTATIONS:
+        median = statistics.median(times[implementation])
         floor = result["floor_bytes"]
         result[implementation] = {
             "median_s": median,
-            "min_s": min(times),
-            "times_s": times,
-            "first_call_s": first,
+            "min_s": min(times[implementation]),
+            "times_s": times[implementation],
+            "first_call_s": first[implementation],
             "floor_fraction": (
                 None if floor is None else floor / median / bandwidth
             ),
@@ -369,6 +379,9 @@ def machine():
         "tensorflow": tf.__version__,
         "keras": keras.__version__,
         "keras_bn": keras_bn.__version__,
+        # oneDNN's kernels (TensorFlow's default on some Intel CPUs only)
+        # change the fused batch-normalization kernel's speed a lot.
+        "tf_enable_onednn_opts": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
     }
 
 
@@ -386,13 +399,15 @@ def markdown(report):
     lines = [
         f"Machine: {info['cpu']} ({info['cpu_count']} CPUs), {device}; "
         f"TensorFlow {info['tensorflow']}, Keras {info['keras']}, keras_bn "
-        f"{info['keras_bn']}.",
+        f"{info['keras_bn']}; TF_ENABLE_ONEDNN_OPTS="
+        f"{info['tf_enable_onednn_opts'] or 'unset'}.",
         "",
         f"Copy bandwidth (NumPy, read + write): "
         f"{report['copy_bandwidth_bytes_per_s'] / 1e9:.2f} GB/s. Medians "
         f"of {report['repeats']} calls after {report['warmup']} warm-up "
-        "calls; ratio = core time / keras_bn time (above 1: keras_bn is "
-        "faster); floor = least bytes moved / time / copy bandwidth.",
+        "calls, alternating core and keras_bn; ratio = core time / "
+        "keras_bn time (above 1: keras_bn is faster); floor = least bytes "
+        "moved / time / copy bandwidth.",
         "",
         "| layer | shape | dtype | XLA | step | core ms | keras_bn ms "
         "| ratio | core floor | keras_bn floor |",

@@ -316,7 +316,6 @@ class _BNRecurrentCell(layers.Layer):
     def _step_weights(self, dtype):
         """The weights the loop uses, as tensors of `dtype`."""
         return {
-            "kernel": ops.cast(self.kernel, dtype),
             "recurrent_kernel": ops.cast(self.recurrent_kernel, dtype),
             "recurrent_gamma": ops.cast(self.recurrent_gamma, dtype),
         }

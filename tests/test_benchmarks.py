@@ -15,6 +15,7 @@ from tests import test_case
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
+PROFILE = REPO / "benchmarks" / "profile.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -141,3 +142,44 @@ class BenchmarkTest(parameterized.TestCase):
         self.assertEqual(result.returncode, 2, msg=result.stderr)
         self.assertNotIn("Traceback", result.stderr)
         self.assertIn("Received: ['NoSuchLayer']", result.stderr)
+
+
+class ProfileTest(parameterized.TestCase):
+    @pytest.mark.slow
+    def test_reports_every_piece(self):
+        result = test_case.run_script(
+            PROFILE, "--shape", "4,2,2,3", "--repeats", "2", timeout=300
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        rows = [
+            line.split("|")[1:-1]
+            for line in result.stdout.splitlines()
+            if line.startswith("| ")
+            and not line.startswith(("| piece", "| ---"))
+        ]
+        names = [name.strip() for name, _, _ in rows]
+        for expected in (
+            "fused kernel forward", "fused kernel backward",
+            "step: keras.layers.BatchNormalization",
+            "step: keras_bn.BatchNormalization",
+            "step: keras_bn.BatchRenormalization",
+        ):
+            self.assertIn(expected, names)
+        for name, ms, units in rows:
+            self.assertTrue(positive_finite(float(ms)), name)
+            self.assertTrue(positive_finite(float(units)), name)
+        self.assertIn("(4, 2, 2, 3)", result.stdout)
+
+    @parameterized.named_parameters(
+        ("bad_shape", ["--shape", "4,x"], "--shape", "Received: 4,x"),
+        ("one_axis", ["--shape", "8"], "--shape", "Received: (8,)"),
+        ("zero_repeats", ["--repeats", "0"], "--repeats", "Received: 0"),
+    )
+    def test_bad_input_is_a_one_line_error(self, args, option, received):
+        result = test_case.run_script(PROFILE, *args, timeout=60)
+        self.assertEqual(result.returncode, 2, msg=result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        last_line = result.stderr.strip().splitlines()[-1]
+        self.assertStartsWith(last_line, "profile.py: error: ")
+        self.assertIn(option, last_line)
+        self.assertIn(received, last_line)
