@@ -120,7 +120,8 @@ def _named(layer, name):
     return None
 
 
-# Config, input shape, mask kind: None, "sequence" (rank-1 mask) or "full".
+# Config, input shape, mask kind: None, "sequence" (rank-1 mask), "example"
+# (rank-1 mask of ones but the batch axis) or "full".
 REFERENCE_GRID = (
     ("default", {}, (8, 4), None),
     ("axis_1_rank3", {"axis": 1}, (6, 3, 5), None),
@@ -137,6 +138,14 @@ REFERENCE_GRID = (
     ("ghost_mask", {"virtual_batch_size": 2, "axis": 1}, (6, 3, 4), "sequence"),
     ("ghost_cumulative", {"virtual_batch_size": 4, "momentum": None},
      (12, 2, 3), None),
+    # The keras.ops path merges adjacent reduced (or normalized) axes into
+    # one; these cover the merges and the masks that must follow them.
+    ("image_mask", {}, (4, 3, 3, 2), "sequence"),
+    ("image_example_mask", {"momentum": 0.5}, (4, 3, 2, 2), "example"),
+    ("channels_first_mask", {"axis": 1}, (4, 3, 2, 5), "full"),
+    ("middle_axes", {"axis": [2, 3]}, (4, 2, 3, 2, 3), "sequence"),
+    ("ghost_image_mask", {"virtual_batch_size": 2}, (6, 2, 3, 4),
+     "sequence"),
 )
 
 
@@ -145,6 +154,9 @@ def _mask_for(kind, shape, rng, step=0):
         return None
     if kind == "sequence":
         mask = rng.random(shape[:-1]) > 0.35
+    elif kind == "example":
+        # One flag per example, broadcast over the other axes.
+        mask = rng.random((shape[0],) + (1,) * (len(shape) - 2)) > 0.35
     else:
         mask = rng.random(shape) > 0.35
     mask[0] = True  # the first example always counts
@@ -720,6 +732,61 @@ class MirroredStrategyTest(test_case.LayerTestCase):
             self.assertAllClose(loaded.predict(x, verbose=0), expected)
 
 
+RENORM_CLIPPED = {
+    "renorm": True, "renorm_momentum": 0.5, "fused": False,
+    "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
+}
+
+
+@requires_tf
+class UnknownShapeTest(test_case.LayerTestCase):
+    """Traced with unknown batch and spatial sizes, the layer computes the
+    same numbers as eagerly (the merged view then has dynamic sizes)."""
+
+    @parameterized.named_parameters(
+        ("image_ops_path", {"fused": False}, (4, 3, 3, 2), None),
+        ("image_mask", {}, (4, 3, 3, 2), "sequence"),
+        ("example_mask", {}, (4, 3, 2, 2), "example"),
+        ("channels_first", {"axis": 1}, (4, 3, 2, 5), "full"),
+        ("ghost_mask", {"virtual_batch_size": 2}, (6, 2, 3, 4), "sequence"),
+        ("renorm", RENORM_CLIPPED, (4, 3, 3, 2), "sequence"),
+    )
+    def test_unknown_sizes_equal_eager(self, cfg, shape, mask_kind):
+        import tensorflow as tf
+
+        rng = _rng(23)
+        eager, traced = (keras_bn.BatchNormalization(**cfg) for _ in "ab")
+        for layer in (eager, traced):
+            layer.build(shape)
+        _randomize(eager, rng)
+        traced.set_weights(eager.get_weights())
+        mask = _mask_for(mask_kind, shape, rng)
+        unknown = tf.TensorSpec((None,) * len(shape), "float32")
+        if mask is None:
+            step = tf.function(
+                lambda x: traced(x, training=True), input_signature=[unknown]
+            )
+            args = ()
+        else:
+            mask_spec = tf.TensorSpec((None,) * mask.ndim, "bool")
+            step = tf.function(
+                lambda x, m: traced(x, training=True, mask=m),
+                input_signature=[unknown, mask_spec],
+            )
+            args = (mask,)
+        for i in range(2):
+            x = rng.normal(i, 2.0, shape).astype("float32")
+            self.assertAllClose(
+                step(x, *args), eager(x, training=True, mask=mask),
+                atol=1e-5, rtol=1e-5,
+            )
+        for a, b in zip(traced.weights, eager.weights):
+            self.assertAllClose(a, b, atol=1e-6, rtol=1e-6, msg=a.name)
+        infer = tf.function(lambda x: traced(x), input_signature=[unknown])
+        x = rng.normal(0.0, 3.0, shape).astype("float32")
+        self.assertAllClose(infer(x), eager(x), atol=1e-5, rtol=1e-5)
+
+
 RENORM = {
     "renorm": True, "renorm_momentum": 0.5,
     "renorm_clipping": {"rmax": 1.2, "rmin": 0.9, "dmax": 0.1},
@@ -745,7 +812,7 @@ class FusedPathTest(test_case.LayerTestCase):
         ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16", False),
         ("renorm", RENORM, (8, 3, 4), "float32", False),
         ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16", False),
-        # Under XLA a renorm layer takes the statistics from the kernel.
+        # Under XLA a renorm layer takes the keras.ops path, fused or not.
         ("renorm_xla", RENORM, (8, 3, 4), "float32", True),
         ("renorm_mixed_xla", RENORM_MIXED, (8, 3, 4), "mixed_float16", True),
         ("renorm_no_affine_xla", dict(RENORM, center=False, scale=False),
