@@ -13,43 +13,15 @@ speed target is missed.
     python benchmarks/profile.py --shape 4096,1024 --repeats 30
 """
 
-import argparse
 import os
 import statistics
 import sys
 import time
 
+import _cli
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ["KERAS_BACKEND"] = "tensorflow"
-
-
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--shape", default="64,32,32,64",
-        help="comma-separated input shape, channels last (default: "
-        "64,32,32,64)",
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=20,
-        help="timed calls of each piece (default: 20)",
-    )
-    args = parser.parse_args(argv)
-    try:
-        args.shape = tuple(int(s) for s in args.shape.split(","))
-    except ValueError:
-        parser.error(
-            "--shape must be comma-separated integers. Received: "
-            f"{args.shape}"
-        )
-    if len(args.shape) < 2 or min(args.shape) < 1:
-        parser.error(
-            "--shape needs at least two positive sizes. Received: "
-            f"{args.shape}"
-        )
-    if args.repeats < 1:
-        parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
-    return args
 
 
 def pieces(shape):
@@ -139,7 +111,7 @@ def pieces(shape):
 
 
 def main(argv=None):
-    args = parse_args(argv)
+    args = _cli.parse_shape_and_repeats(__doc__, argv)
     import tensorflow as tf
 
     timed = pieces(args.shape)

@@ -16,6 +16,7 @@ from tests import test_case
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
 PROFILE = REPO / "benchmarks" / "profile.py"
+JAX_STEP = REPO / "benchmarks" / "jax_step.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -151,13 +152,8 @@ class ProfileTest(parameterized.TestCase):
             PROFILE, "--shape", "4,2,2,3", "--repeats", "2", timeout=300
         )
         self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
-        rows = [
-            line.split("|")[1:-1]
-            for line in result.stdout.splitlines()
-            if line.startswith("| ")
-            and not line.startswith(("| piece", "| ---"))
-        ]
-        names = [name.strip() for name, _, _ in rows]
+        rows = table_rows(result.stdout)
+        names = [name for name, _, _ in rows]
         for expected in (
             "fused kernel forward", "fused kernel backward",
             "step: keras.layers.BatchNormalization",
@@ -183,3 +179,41 @@ class ProfileTest(parameterized.TestCase):
         self.assertStartsWith(last_line, "profile.py: error: ")
         self.assertIn(option, last_line)
         self.assertIn(received, last_line)
+
+
+def table_rows(stdout):
+    """The body rows of the Markdown table in `stdout`, as cell lists."""
+    return [
+        [cell.strip() for cell in line.split("|")[1:-1]]
+        for line in stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| ---")
+    ][1:]
+
+
+class JaxStepTest(parameterized.TestCase):
+    @pytest.mark.slow
+    def test_reports_every_layer(self):
+        result = test_case.run_script(
+            JAX_STEP, "--shape", "4,2,2,3", "--repeats", "2", timeout=300
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        rows = table_rows(result.stdout)
+        self.assertEqual(
+            [name for name, _ in rows],
+            [
+                "keras.layers.BatchNormalization",
+                "keras_bn.BatchNormalization",
+                "keras.layers.BatchNormalization(renorm=True)",
+                "keras_bn.BatchRenormalization",
+            ],
+        )
+        for name, ms in rows:
+            self.assertTrue(positive_finite(float(ms)), name)
+        self.assertIn("JAX", result.stdout)
+
+    def test_bad_shape_is_a_one_line_error(self):
+        result = test_case.run_script(JAX_STEP, "--shape", "0,3", timeout=60)
+        self.assertEqual(result.returncode, 2, msg=result.stderr)
+        last_line = result.stderr.strip().splitlines()[-1]
+        self.assertStartsWith(last_line, "jax_step.py: error: --shape")
+        self.assertIn("Received: (0, 3)", last_line)
