@@ -145,42 +145,6 @@ class BenchmarkTest(parameterized.TestCase):
         self.assertIn("Received: ['NoSuchLayer']", result.stderr)
 
 
-class ProfileTest(parameterized.TestCase):
-    @pytest.mark.slow
-    def test_reports_every_piece(self):
-        result = test_case.run_script(
-            PROFILE, "--shape", "4,2,2,3", "--repeats", "2", timeout=300
-        )
-        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
-        rows = table_rows(result.stdout)
-        names = [name for name, _, _ in rows]
-        for expected in (
-            "fused kernel forward", "fused kernel backward",
-            "step: keras.layers.BatchNormalization",
-            "step: keras_bn.BatchNormalization",
-            "step: keras_bn.BatchRenormalization",
-        ):
-            self.assertIn(expected, names)
-        for name, ms, units in rows:
-            self.assertTrue(positive_finite(float(ms)), name)
-            self.assertTrue(positive_finite(float(units)), name)
-        self.assertIn("(4, 2, 2, 3)", result.stdout)
-
-    @parameterized.named_parameters(
-        ("bad_shape", ["--shape", "4,x"], "--shape", "Received: 4,x"),
-        ("one_axis", ["--shape", "8"], "--shape", "Received: (8,)"),
-        ("zero_repeats", ["--repeats", "0"], "--repeats", "Received: 0"),
-    )
-    def test_bad_input_is_a_one_line_error(self, args, option, received):
-        result = test_case.run_script(PROFILE, *args, timeout=60)
-        self.assertEqual(result.returncode, 2, msg=result.stderr)
-        self.assertNotIn("Traceback", result.stderr)
-        last_line = result.stderr.strip().splitlines()[-1]
-        self.assertStartsWith(last_line, "profile.py: error: ")
-        self.assertIn(option, last_line)
-        self.assertIn(received, last_line)
-
-
 def table_rows(stdout):
     """The body rows of the Markdown table in `stdout`, as cell lists."""
     return [
@@ -190,14 +154,37 @@ def table_rows(stdout):
     ][1:]
 
 
-class JaxStepTest(parameterized.TestCase):
-    @pytest.mark.slow
-    def test_reports_every_layer(self):
+class ScriptTablesTest(parameterized.TestCase):
+    """profile.py and jax_step.py: a table of positive timings."""
+
+    def run_to_rows(self, script):
         result = test_case.run_script(
-            JAX_STEP, "--shape", "4,2,2,3", "--repeats", "2", timeout=300
+            script, "--shape", "4,2,2,3", "--repeats", "2", timeout=300
         )
         self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        self.assertIn("(4, 2, 2, 3)", result.stdout)
         rows = table_rows(result.stdout)
+        for name, ms, *_ in rows:
+            self.assertTrue(positive_finite(float(ms)), name)
+        return result.stdout, rows
+
+    @pytest.mark.slow
+    def test_profile_reports_every_piece(self):
+        _, rows = self.run_to_rows(PROFILE)
+        names = [name for name, _, _ in rows]
+        for expected in (
+            "fused kernel forward", "fused kernel backward",
+            "step: keras.layers.BatchNormalization",
+            "step: keras_bn.BatchNormalization",
+            "step: keras_bn.BatchRenormalization",
+        ):
+            self.assertIn(expected, names)
+        for name, _, units in rows:
+            self.assertTrue(positive_finite(float(units)), name)
+
+    @pytest.mark.slow
+    def test_jax_step_reports_every_layer(self):
+        stdout, rows = self.run_to_rows(JAX_STEP)
         self.assertEqual(
             [name for name, _ in rows],
             [
@@ -207,13 +194,18 @@ class JaxStepTest(parameterized.TestCase):
                 "keras_bn.BatchRenormalization",
             ],
         )
-        for name, ms in rows:
-            self.assertTrue(positive_finite(float(ms)), name)
-        self.assertIn("JAX", result.stdout)
+        self.assertIn("JAX", stdout)
 
-    def test_bad_shape_is_a_one_line_error(self):
-        result = test_case.run_script(JAX_STEP, "--shape", "0,3", timeout=60)
+    @parameterized.named_parameters(
+        ("bad_shape", PROFILE, ["--shape", "4,x"], "Received: 4,x"),
+        ("one_axis", PROFILE, ["--shape", "8"], "Received: (8,)"),
+        ("zero_repeats", PROFILE, ["--repeats", "0"], "Received: 0"),
+        ("jax_zero_size", JAX_STEP, ["--shape", "0,3"], "Received: (0, 3)"),
+    )
+    def test_bad_input_is_a_one_line_error(self, script, args, received):
+        result = test_case.run_script(script, *args, timeout=60)
         self.assertEqual(result.returncode, 2, msg=result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
         last_line = result.stderr.strip().splitlines()[-1]
-        self.assertStartsWith(last_line, "jax_step.py: error: --shape")
-        self.assertIn("Received: (0, 3)", last_line)
+        self.assertStartsWith(last_line, f"{script.name}: error: {args[0]}")
+        self.assertIn(received, last_line)
