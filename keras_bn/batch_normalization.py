@@ -115,10 +115,10 @@ class BatchNormalization(layers.Layer):
             `BatchRenormalization`, no XLA compilation: the `keras.ops` path
             computes the batch statistics once and measured faster there);
             in inference only for half-precision inputs (float32 inference
-            is two element-wise ops either way). `True` raises a `ValueError` at build time if
-            the layer's configuration rules the kernel out; `False` never
-            uses it. The results are the same either way, up to float
-            rounding. Defaults to `None`.
+            is two element-wise ops either way). `True` raises a
+            `ValueError` at build time if the layer's configuration rules
+            the kernel out; `False` never uses it. The results are the same
+            either way, up to float rounding. Defaults to `None`.
         renorm, renorm_clipping, renorm_momentum: As in
             `keras.layers.BatchNormalization`: `renorm=True` constructs a
             `keras_bn.BatchRenormalization` with these arguments (see there).
@@ -519,8 +519,8 @@ class BatchNormalization(layers.Layer):
         """`weight` shaped to broadcast against the merged view."""
         return ops.reshape(ops.cast(weight, dtype), self._broadcast_shape)
 
-    def _to_view(self, x, lead=0):
-        """`x` with its runs of adjacent reduced or normalized axes merged.
+    def _view_sizes(self, x, lead=0):
+        """The sizes of the merged view of `x` (see `build`).
 
         `lead` leading axes (the ghost-batch axis) are kept as they are.
         """
@@ -531,7 +531,11 @@ class BatchNormalization(layers.Layer):
             for a in group:
                 size = size * shape[a + lead]
             sizes.append(size)
-        return ops.reshape(x, sizes)
+        return sizes
+
+    def _to_view(self, x, lead=0):
+        """`x` with its runs of adjacent reduced or normalized axes merged."""
+        return ops.reshape(x, self._view_sizes(x, lead))
 
     def _mask_to_view(self, mask, x, lead=0):
         """`mask` (broadcastable to `x`) in the merged view of `x`.
@@ -542,21 +546,20 @@ class BatchNormalization(layers.Layer):
         """
         if mask is None:
             return None
-        shape, mask_shape = ops.shape(x), ops.shape(mask)
+        x_sizes = self._view_sizes(x, lead)
+        mask_shape = ops.shape(mask)
         sizes = list(mask_shape[:lead])
-        for _, group in self._view_groups:
+        for (_, group), x_size in zip(self._view_groups, x_sizes[lead:]):
             dims = [mask.shape[a + lead] for a in group]
             if len(group) == 1:
                 sizes.append(mask_shape[group[0] + lead])
             elif all(d == 1 for d in dims):
                 sizes.append(1)
             elif all(d is not None and d != 1 for d in dims):
-                size = 1
-                for a in group:
-                    size = size * shape[a + lead]
-                sizes.append(size)
+                sizes.append(x_size)
             else:
-                return self._to_view(ops.broadcast_to(mask, shape), lead)
+                mask = ops.broadcast_to(mask, ops.shape(x))
+                return ops.reshape(mask, x_sizes)
         return ops.reshape(mask, sizes)
 
     def _to_param_shape(self, statistic):
@@ -618,7 +621,6 @@ def _fused_training(layer, inputs):
 
     channels = layer._param_shape[0]
     x = tf.reshape(inputs, (-1, 1, 1, channels))
-    count = tf.cast(tf.shape(x)[0], "float32")
     corrects = (
         type(layer)._fused_scale_offset
         is not BatchNormalization._fused_scale_offset
@@ -639,6 +641,7 @@ def _fused_training(layer, inputs):
             x, scale, offset, epsilon=layer.epsilon, is_training=True
         )
         # The kernel returns the unbiased variance; Keras keeps the biased.
+        count = tf.cast(tf.shape(x)[0], variance.dtype)
         variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
     layer._update_moving_statistics(mean, variance, count)
     return tf.reshape(y, tf.shape(inputs))

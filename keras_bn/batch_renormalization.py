@@ -285,36 +285,31 @@ class BatchRenormalization(BatchNormalization):
     def _batch_affine(self, mean, variance):
         """Batch normalization corrected by `r` and `d` (see the class)."""
         stddev = ops.sqrt(variance + self.epsilon)
-        r, d = self._corrections(
-            mean,
-            stddev,
-            self._broadcast(self.renorm_mean, mean.dtype),
-            self._broadcast(self.renorm_stddev, mean.dtype),
+        scale, offset = self._corrected_affine(
+            mean, stddev, lambda w: self._broadcast(w, mean.dtype)
         )
-        scale = r / stddev
-        offset = d - mean * scale
-        if self.gamma is not None:
-            gamma = self._broadcast(self.gamma, mean.dtype)
-            scale = scale * gamma
-            offset = offset * gamma
-        if self.beta is not None:
-            offset = offset + self._broadcast(self.beta, mean.dtype)
-        return scale, offset
+        scale = scale / stddev
+        return scale, offset - mean * scale
 
     def _fused_scale_offset(self, mean, variance):
         """`r * gamma` and `d * gamma + beta` for the fused kernel."""
-        r, d = self._corrections(
+        return self._corrected_affine(
             mean,
             ops.sqrt(variance + self.epsilon),
-            ops.cast(self.renorm_mean, mean.dtype),
-            ops.cast(self.renorm_stddev, mean.dtype),
+            lambda w: ops.cast(w, mean.dtype),
         )
-        scale, offset = r, d
+
+    def _corrected_affine(self, mean, stddev, shaped):
+        """`(r * gamma, d * gamma + beta)`, the weights read by `shaped`."""
+        scale, offset = self._corrections(
+            mean, stddev, shaped(self.renorm_mean), shaped(self.renorm_stddev)
+        )
         if self.gamma is not None:
-            scale = scale * ops.cast(self.gamma, mean.dtype)
-            offset = offset * ops.cast(self.gamma, mean.dtype)
+            gamma = shaped(self.gamma)
+            scale = scale * gamma
+            offset = offset * gamma
         if self.beta is not None:
-            offset = offset + ops.cast(self.beta, mean.dtype)
+            offset = offset + shaped(self.beta)
         return scale, offset
 
     def _corrections(self, mean, stddev, renorm_mean, renorm_stddev):
