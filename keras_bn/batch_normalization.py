@@ -12,6 +12,7 @@ from keras import ops
 from keras import regularizers
 from keras import saving
 
+from keras_bn import _kernels
 from keras_bn import _statistics
 
 
@@ -107,18 +108,27 @@ class BatchNormalization(layers.Layer):
         virtual_batch_size: Positive integer, the size of the ghost batches
             that training statistics are computed over, or `None` to use the
             whole batch. Defaults to `None`.
-        fused: Whether to run through TensorFlow's fused batch-normalization
-            kernel, which is faster on the TensorFlow backend. `None` uses
-            it wherever it gives the same results: the last axis alone, no
-            ghost batches, `epsilon >= 1.001e-5`; in training no mask and
-            no cross-replica synchronization in progress (and, for
-            `BatchRenormalization`, no XLA compilation: the `keras.ops` path
-            computes the batch statistics once and measured faster there);
-            in inference only for half-precision inputs (float32 inference
-            is two element-wise ops either way). `True` raises a
-            `ValueError` at build time if the layer's configuration rules
-            the kernel out; `False` never uses it. The results are the same
-            either way, up to float rounding. Defaults to `None`.
+        fused: Whether to run through a fused kernel, which is faster on
+            the TensorFlow backend: TensorFlow's fused batch-normalization
+            kernel (cuDNN on a GPU, oneDNN or Eigen on a CPU), or, for
+            float32 and float64 training on a CPU where TensorFlow's kernel
+            is Eigen's (oneDNN off, the default on most CPUs), a small
+            XLA-compiled kernel that is called from the ordinary graph and
+            costs about half as much (each input shape compiles once, in
+            about 0.3 s; the environment variable `KERAS_BN_XLA_KERNEL=0`
+            turns it off, `=1` uses it wherever it can serve). `None` uses
+            a kernel wherever it gives the same results: in training no
+            mask, no ghost batches and no cross-replica synchronization in
+            progress; TensorFlow's kernel needs the last axis alone and
+            `epsilon >= 1.001e-5` as well, and under XLA (`jit_compile`)
+            serves batch normalization but not `BatchRenormalization`,
+            whose `keras.ops` path computes the batch statistics once and
+            measured faster there; in inference TensorFlow's kernel serves
+            half-precision inputs only (float32 inference is two
+            element-wise ops either way). `True` raises a `ValueError` at
+            build time if the layer's configuration rules TensorFlow's
+            kernel out; `False` never uses a kernel. The results are the
+            same either way, up to float rounding. Defaults to `None`.
         renorm, renorm_clipping, renorm_momentum: As in
             `keras.layers.BatchNormalization`: `renorm=True` constructs a
             `keras_bn.BatchRenormalization` with these arguments (see there).
@@ -305,11 +315,11 @@ class BatchNormalization(layers.Layer):
     def call(self, inputs, training=None, mask=None):
         mask = self._standardize_mask(mask, inputs)
         training = bool(training and self.trainable)
-        fused = self._can_fuse(inputs, mask, training)
+        kernel = self._kernel(inputs, mask, training)
         if training:
-            outputs = self._train_step(inputs, mask, fused)
-        elif fused:
-            outputs = _fused_inference(self, inputs)
+            outputs = self._train_step(inputs, mask, kernel)
+        elif kernel:
+            outputs = _kernels.fused_inference(self, inputs)
         else:
             x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
             scale, offset = self._affine(
@@ -374,30 +384,46 @@ class BatchNormalization(layers.Layer):
             )
         return self.fused is not False and not reasons
 
-    def _can_fuse(self, inputs, mask, training):
+    def _kernel(self, inputs, mask, training):
+        """The kernel this call runs through (see `_kernels`).
+
+        `"xla"`, `"fused"` (TensorFlow's fused kernel), or `None` for the
+        `keras.ops` path.
+        """
+        if self.fused is False or backend.backend() != "tensorflow":
+            return None
         dtype = backend.standardize_dtype(inputs.dtype)
-        if not self._fused or dtype not in _FUSED_DTYPES:
-            return False
         if not training:
             # In float32, inference is two element-wise ops either way,
             # and they measured as fast as the kernel; half-precision
             # inputs gain from the kernel reading them without a cast.
-            return dtype != "float32"
+            half = dtype in ("float16", "bfloat16")
+            return "fused" if self._fused and half else None
+        if (
+            mask is not None
+            or self.virtual_batch_size is not None
+            or (self.synchronized and _statistics.replica_context())
+        ):
+            return None
         own = type(self)
-        if own._batch_affine is not BatchNormalization._batch_affine:
-            # A corrected layer (batch renormalization) needs the batch's
-            # statistics before the kernel runs, so the kernel computes
-            # them a second time. Under XLA the `keras.ops` path, which
-            # computes them once, measured faster.
-            if (
-                own._fused_scale_offset
-                is BatchNormalization._fused_scale_offset
-                or _xla_compiling()
-            ):
-                return False
-        return mask is None and not (
-            self.synchronized and _statistics.replica_context()
-        )
+        corrects = _kernels.corrects(self)
+        if own._batch_affine is not BatchNormalization._batch_affine and (
+            not corrects
+        ):
+            return None  # A correction the kernels do not know about.
+        if dtype in ("float32", "float64") and _kernels.use_xla_kernel(
+            corrects
+        ):
+            return "xla"
+        if not self._fused or dtype not in _FUSED_DTYPES:
+            return None
+        if corrects and _kernels.xla_compiling():
+            # The fused kernel needs a corrected layer's (batch
+            # renormalization's) statistics before it runs, so it computes
+            # them twice; under XLA the `keras.ops` path, which computes
+            # them once, measured faster.
+            return None
+        return "fused"
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -409,10 +435,12 @@ class BatchNormalization(layers.Layer):
             aggregation="mean",
         )
 
-    def _train_step(self, inputs, mask, fused):
+    def _train_step(self, inputs, mask, kernel):
         """Normalizes with batch statistics and updates the moving ones."""
-        if fused:
-            return _fused_training(self, inputs)
+        if kernel == "xla":
+            return _kernels.xla_training(self, inputs)
+        if kernel == "fused":
+            return _kernels.fused_training(self, inputs)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
         batch_size = ops.shape(x)[0]
         ghosts = self.virtual_batch_size is not None
@@ -456,12 +484,12 @@ class BatchNormalization(layers.Layer):
     def _fused_scale_offset(self, mean, variance):
         """Scale and offset applied to the batch-normalized input.
 
-        The fused kernel computes `x_hat = (x - mean) / sqrt(variance +
-        epsilon)` with the batch's statistics and returns `x_hat * scale +
-        offset`. Here they are `gamma` and `beta`; subclasses that correct
-        `x_hat` with the batch's statistics (batch renormalization)
-        override this, and the kernel then runs as `_fused_training`
-        describes.
+        The kernels (`_kernels`) compute `x_hat = (x - mean) /
+        sqrt(variance + epsilon)` with the batch's statistics and return
+        `x_hat * scale + offset`. Here they are `gamma` and `beta`;
+        subclasses that correct `x_hat` with the batch's statistics (batch
+        renormalization) override this; gradients reach `scale` and
+        `offset` but not the statistics passed here.
 
         Args:
             mean, variance: The batch's mean and biased variance, in the
@@ -471,9 +499,9 @@ class BatchNormalization(layers.Layer):
             `(scale, offset)`, vectors in the weights' shape.
         """
         del mean, variance
-        channels = self._param_shape[0]
-        scale = ops.ones((channels,)) if self.gamma is None else self.gamma
-        offset = ops.zeros((channels,)) if self.beta is None else self.beta
+        shape = self._param_shape
+        scale = ops.ones(shape) if self.gamma is None else self.gamma
+        offset = ops.zeros(shape) if self.beta is None else self.beta
         return scale, offset
 
     def _affine(self, mean, variance):
@@ -600,74 +628,6 @@ def _asks_for_renorm(args, kwargs):
     except TypeError:
         return False  # `__init__` reports the bad arguments.
     return bool(bound.arguments.get("renorm", False))
-
-
-def _fused_training(layer, inputs):
-    """`layer`'s training call through TensorFlow's fused kernel.
-
-    One kernel forward and one backward instead of a chain of element-wise
-    ops and reductions; half-precision inputs are read as they are, with
-    statistics accumulated in float32 inside the kernel.
-
-    A layer whose scale and offset depend on the batch's statistics
-    (`_fused_scale_offset` overridden) needs them before the kernel runs:
-    they are computed first (one more pass over the input, with no backward
-    pass) and the kernel applies the scale and offset itself. Normalizing
-    with a unit scale and correcting the kernel's output instead measured
-    slower, with and without XLA: the output costs a pass of its own, and
-    so do its gradients.
-    """
-    import tensorflow as tf
-
-    channels = layer._param_shape[0]
-    x = tf.reshape(inputs, (-1, 1, 1, channels))
-    corrects = (
-        type(layer)._fused_scale_offset
-        is not BatchNormalization._fused_scale_offset
-    )
-    if corrects:
-        mean, variance, count = _statistics.moments(
-            tf.cast(x, _statistics.statistics_dtype(x.dtype)), [0, 1, 2]
-        )
-        mean = tf.reshape(mean, (channels,))
-        variance = tf.reshape(variance, (channels,))
-        scale, offset = layer._fused_scale_offset(mean, variance)
-        y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-            x, scale, offset, epsilon=layer.epsilon, is_training=True
-        )
-    else:
-        scale, offset = layer._fused_scale_offset(None, None)
-        y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
-            x, scale, offset, epsilon=layer.epsilon, is_training=True
-        )
-        # The kernel returns the unbiased variance; Keras keeps the biased.
-        count = tf.cast(tf.shape(x)[0], variance.dtype)
-        variance = variance * ((count - 1.0) / tf.maximum(count, 1.0))
-    layer._update_moving_statistics(mean, variance, count)
-    return tf.reshape(y, tf.shape(inputs))
-
-
-def _fused_inference(layer, inputs):
-    """`layer`'s inference call through TensorFlow's fused kernel."""
-    import tensorflow as tf
-
-    channels = layer._param_shape[0]
-    x = tf.reshape(inputs, (-1, 1, 1, channels))
-    gamma = tf.ones(channels) if layer.gamma is None else layer.gamma
-    beta = tf.zeros(channels) if layer.beta is None else layer.beta
-    y, _, _ = tf.compat.v1.nn.fused_batch_norm(
-        x, gamma, beta, mean=layer.moving_mean,
-        variance=layer.moving_variance, epsilon=layer.epsilon,
-        is_training=False,
-    )
-    return tf.reshape(y, tf.shape(inputs))
-
-
-def _xla_compiling():
-    """Whether TensorFlow is tracing a function for XLA (`jit_compile`)."""
-    import tensorflow as tf
-
-    return tf.__internal__.get_enclosing_xla_context() is not None
 
 
 def _adjacent_runs(rank, normalized_axes):

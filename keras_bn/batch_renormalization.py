@@ -277,8 +277,8 @@ class BatchRenormalization(BatchNormalization):
             aggregation="mean",
         )
 
-    def _train_step(self, inputs, mask, fused):
-        outputs = super()._train_step(inputs, mask, fused)
+    def _train_step(self, inputs, mask, kernel):
+        outputs = super()._train_step(inputs, mask, kernel)
         self.renorm_step.assign_add(ops.cast(1, self.renorm_step.dtype))
         return outputs
 

@@ -8,6 +8,7 @@ the paper and the documented rules, not from the layer's code), core
 import functools
 import os
 import tempfile
+from unittest import mock
 
 import keras
 import numpy as np
@@ -797,45 +798,76 @@ RENORM_MIXED = {
 }
 
 
+def _xla_kernel(setting):
+    """Forces the XLA kernel on ("1") or off ("0") while a call is traced."""
+    return mock.patch.dict(os.environ, {"KERAS_BN_XLA_KERNEL": setting})
+
+
 @requires_tf
 class FusedPathTest(test_case.LayerTestCase):
-    """TensorFlow's fused kernel and the keras.ops path give equal numbers."""
+    """The kernels and the keras.ops path give equal numbers.
+
+    `kernel`: "xla" forces the XLA-compiled kernel where it can serve,
+    "tensorflow" rules it out, leaving TensorFlow's fused kernel.
+    """
 
     @parameterized.named_parameters(
-        ("dense", {}, (16, 4), "float32", False),
-        ("sequence", {"momentum": 0.5}, (4, 6, 3), "float32", False),
+        ("dense", {}, (16, 4), "float32", False, "xla"),
+        ("dense_tf", {}, (16, 4), "float32", False, "tensorflow"),
+        ("sequence", {"momentum": 0.5}, (4, 6, 3), "float32", False, "xla"),
         ("image_no_affine", {"center": False, "scale": False},
-         (2, 3, 3, 4), "float32", False),
-        ("cumulative", {"momentum": None}, (16, 4), "float32", False),
-        ("batch_of_one", {"momentum": 0.5}, (1, 4), "float32", False),
-        ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16", False),
-        ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16", False),
-        ("renorm", RENORM, (8, 3, 4), "float32", False),
-        ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16", False),
-        # Under XLA a renorm layer takes the keras.ops path, fused or not.
-        ("renorm_xla", RENORM, (8, 3, 4), "float32", True),
-        ("renorm_mixed_xla", RENORM_MIXED, (8, 3, 4), "mixed_float16", True),
+         (2, 3, 3, 4), "float32", False, "xla"),
+        ("image_no_affine_tf", {"center": False, "scale": False},
+         (2, 3, 3, 4), "float32", False, "tensorflow"),
+        ("channels_first", {"axis": 1}, (4, 3, 5, 5), "float32", False,
+         "xla"),
+        ("two_axes_no_affine",
+         {"axis": [1, 3], "center": False, "scale": False},
+         (3, 2, 4, 3), "float32", False, "xla"),
+        ("float64", {}, (16, 4), "float64", False, "xla"),
+        ("cumulative", {"momentum": None}, (16, 4), "float32", False, "xla"),
+        ("batch_of_one", {"momentum": 0.5}, (1, 4), "float32", False, "xla"),
+        ("batch_of_one_tf", {"momentum": 0.5}, (1, 4), "float32", False,
+         "tensorflow"),
+        ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16", False,
+         "tensorflow"),
+        ("mixed_bfloat16", {}, (4, 5, 5, 3), "mixed_bfloat16", False,
+         "tensorflow"),
+        ("renorm", RENORM, (8, 3, 4), "float32", False, "xla"),
+        ("renorm_tf", RENORM, (8, 3, 4), "float32", False, "tensorflow"),
+        ("renorm_channels_first", dict(RENORM, axis=1), (8, 3, 4),
+         "float32", False, "xla"),
+        ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16", False,
+         "tensorflow"),
+        # Under XLA a renorm layer takes the keras.ops path unless the XLA
+        # kernel is forced, which then runs inlined in the outer function.
+        ("renorm_xla", RENORM, (8, 3, 4), "float32", True, "tensorflow"),
+        ("renorm_xla_kernel", RENORM, (8, 3, 4), "float32", True, "xla"),
+        ("renorm_mixed_xla", RENORM_MIXED, (8, 3, 4), "mixed_float16", True,
+         "tensorflow"),
         ("renorm_no_affine_xla", dict(RENORM, center=False, scale=False),
-         (2, 3, 3, 4), "float32", True),
-        ("dense_xla", {}, (16, 4), "float32", True),
+         (2, 3, 3, 4), "float32", True, "tensorflow"),
+        ("dense_xla", {}, (16, 4), "float32", True, "tensorflow"),
+        ("dense_xla_kernel", {}, (16, 4), "float32", True, "xla"),
     )
-    def test_fused_equals_ops_path(self, cfg, shape, dtype, jit):
+    def test_fused_equals_ops_path(self, cfg, shape, dtype, jit, kernel):
         import tensorflow as tf
 
         rng = _rng(21)
         layers = [
             keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
-            for fused in (True, False)
+            for fused in (None, False)
         ]
         for layer in layers:
             layer.build(shape)
         _randomize(layers[0], rng)
         layers[1].set_weights(layers[0].get_weights())
+        compute = "float64" if dtype == "float64" else "float32"
 
         def step(layer, x, w):
             with tf.GradientTape() as tape:
                 tape.watch(x)
-                y = tf.cast(layer(x, training=True), "float32")
+                y = tf.cast(layer(x, training=True), compute)
                 loss = tf.reduce_sum(y * w)
             grads = tape.gradient(loss, [x] + layer.trainable_weights)
             return [y] + grads
@@ -844,24 +876,75 @@ class FusedPathTest(test_case.LayerTestCase):
         if jit:
             fused_step = tf.function(fused_step, jit_compile=True)
         steps = [fused_step, functools.partial(step, layers[1])]
-        loose = dtype != "float32"
-        for i in range(3):
-            x = tf.constant(rng.normal(i, 2.0, shape).astype("float32"))
-            w = tf.constant(rng.normal(0.0, 1.0, shape).astype("float32"))
-            results = [run(x, w) for run in steps]
-            for a, b in zip(*results):
-                self.assertAllClose(
-                    a, b, atol=5e-2 if loose else 1e-4,
-                    rtol=5e-2 if loose else 1e-4,
-                )
+        loose = dtype.startswith("mixed")
+        with _xla_kernel("1" if kernel == "xla" else "0"):
+            for i in range(3):
+                x = tf.constant(rng.normal(i, 2.0, shape).astype(compute))
+                w = tf.constant(rng.normal(0.0, 1.0, shape).astype(compute))
+                results = [run(x, w) for run in steps]
+                for a, b in zip(*results):
+                    self.assertAllClose(
+                        a, b, atol=5e-2 if loose else 1e-4,
+                        rtol=5e-2 if loose else 1e-4,
+                    )
         for a, b in zip(*(layer.weights for layer in layers)):
             self.assertAllClose(a, b, atol=1e-5, rtol=1e-5, msg=a.name)
-        x = rng.normal(0.0, 3.0, shape).astype("float32")
+        x = rng.normal(0.0, 3.0, shape).astype(compute)
         self.assertAllClose(
-            keras.ops.cast(layers[0](x), "float32"),
-            keras.ops.cast(layers[1](x), "float32"),
+            keras.ops.cast(layers[0](x), compute),
+            keras.ops.cast(layers[1](x), compute),
             atol=1e-2 if loose else 1e-5,
         )
+
+    @parameterized.named_parameters(
+        ("xla", "1", "XlaMustCompile"), ("tensorflow", "0", "FusedBatchNorm")
+    )
+    def test_kernel_setting_picks_the_kernel(self, setting, expected):
+        import tensorflow as tf
+
+        layer = keras_bn.BatchNormalization()
+        layer.build((8, 4))
+        step = tf.function(lambda x: layer(x, training=True))
+        with _xla_kernel(setting):
+            graph = step.get_concrete_function(
+                tf.TensorSpec((None, 4), "float32")
+            ).graph
+        self.assertIn(expected, str(graph.as_graph_def()))
+
+    def test_second_order_gradients_through_the_xla_kernel(self):
+        # A gradient penalty differentiates the input gradient again; the
+        # statistics' dependence on the input must survive in it.
+        import tensorflow as tf
+
+        rng = _rng(23)
+        shape = (6, 3)
+        layers = [
+            keras_bn.BatchNormalization(fused=fused, dtype="float64")
+            for fused in (None, False)
+        ]
+        for layer in layers:
+            layer.build(shape)
+        _randomize(layers[0], rng)
+        layers[1].set_weights(layers[0].get_weights())
+        x = tf.constant(rng.normal(1.0, 2.0, shape))
+        w = tf.constant(rng.normal(0.0, 1.0, shape))
+
+        def penalty_grads(layer):
+            with tf.GradientTape() as outer:
+                outer.watch(x)
+                with tf.GradientTape() as inner:
+                    inner.watch(x)
+                    y = layer(x, training=True)
+                    loss = tf.reduce_sum(y * w) + tf.reduce_sum(y**3) / 10
+                dx = inner.gradient(loss, x)
+                penalty = tf.reduce_sum(dx**2)
+            return outer.gradient(penalty, [x] + layer.trainable_weights)
+
+        with _xla_kernel("1"):
+            kernel = penalty_grads(layers[0])
+        reference = penalty_grads(layers[1])
+        for a, b in zip(kernel, reference):
+            self.assertAllClose(a, b, atol=1e-9, rtol=1e-9)
 
     def test_fused_under_jit_compile_equals_eager(self):
         import tensorflow as tf
