@@ -3,10 +3,12 @@
 Times, in one TensorFlow graph each and alternating between them, the
 pieces of a training step on one tensor without XLA: TensorFlow's fused
 kernel forward (`FusedBatchNormV3`) and backward (`FusedBatchNormGradV3`),
-the moments pass that batch renormalization adds before the kernel, one
-element-wise op and one reduction (the unit cost of TensorFlow's CPU
-runtime on this tensor), and the whole steps of core Keras, keras_bn and
-tf-keras (when installed). `docs/performance.md` quotes its output where a
+the moments pass that batch renormalization adds before that kernel,
+keras_bn's XLA-compiled kernel forward and backward (called from an
+ordinary graph, as the layers call it on a CPU), one element-wise op and
+one reduction (the unit cost of TensorFlow's CPU runtime on this tensor),
+and the whole steps of core Keras, keras_bn and tf-keras (when
+installed). `docs/performance.md` quotes its output where a
 speed target is missed.
 
     python benchmarks/profile.py
@@ -30,6 +32,7 @@ def pieces(shape):
     import tensorflow as tf
 
     import keras_bn
+    from keras_bn import _kernels
     from keras_bn import _statistics
 
     channels = shape[-1]
@@ -55,6 +58,23 @@ def pieces(shape):
             y_backprop=dy4, x=x4, scale=gamma, reserve_space_1=reserve[0],
             reserve_space_2=reserve[1], reserve_space_3=reserve[2],
             epsilon=1e-3, is_training=True,
+        )
+
+    xla = _kernels._xla_functions()
+    x2 = tf.reshape(x, (-1, channels))
+    dy2 = tf.reshape(dy, x2.shape)
+    mean, variance = xla.moments(x2, (0,))
+    gamma2, beta2 = tf.reshape(gamma, (1, -1)), tf.reshape(beta, (1, -1))
+
+    @tf.function
+    def xla_forward(x2):
+        mean, variance = xla.moments(x2, (0,))
+        return xla.normalize(x2, mean, variance, gamma2, beta2, 1e-3)
+
+    @tf.function
+    def xla_backward(dy2, x2):
+        return xla.normalize_grad(
+            dy2, x2, mean, variance, gamma2, (0,), 1e-3
         )
 
     @tf.function
@@ -87,6 +107,8 @@ def pieces(shape):
         "fused kernel forward": (kernel_forward, (x4,)),
         "fused kernel backward": (kernel_backward, (dy4, x4)),
         "moments pass (renorm adds it)": (moments, (x4,)),
+        "XLA kernel forward (moments, normalize)": (xla_forward, (x2,)),
+        "XLA kernel backward": (xla_backward, (dy2, x2)),
         "one element-wise op (x * 2)": (elementwise, (x,)),
         "one reduction (sum over the batch)": (reduction, (x,)),
         "step: keras.layers.BatchNormalization": (
