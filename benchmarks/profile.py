@@ -63,18 +63,18 @@ def pieces(shape):
     xla = _kernels._xla_functions()
     x2 = tf.reshape(x, (-1, channels))
     dy2 = tf.reshape(dy, x2.shape)
-    mean, variance = xla.moments(x2, (0,))
+    mean, variance, count = xla.moments(x2, (0,), None)
     gamma2, beta2 = tf.reshape(gamma, (1, -1)), tf.reshape(beta, (1, -1))
 
     @tf.function
     def xla_forward(x2):
-        mean, variance = xla.moments(x2, (0,))
+        mean, variance, _ = xla.moments(x2, (0,), None)
         return xla.normalize(x2, mean, variance, gamma2, beta2, 1e-3)
 
     @tf.function
     def xla_backward(dy2, x2):
         return xla.normalize_grad(
-            dy2, x2, mean, variance, gamma2, (0,), 1e-3
+            dy2, x2, mean, variance, count, None, gamma2, (0,), 1e-3
         )
 
     @tf.function

@@ -1,13 +1,13 @@
 """TensorFlow kernels for the common case of the batch-normalization layers.
 
 The layers compute everything with `keras.ops` (the math is in
-`_statistics`). On the TensorFlow backend, training without a mask, ghost
-batches or cross-replica synchronization in progress runs faster through
-one of two kernels, which give the same numbers up to float rounding:
+`_statistics`). On the TensorFlow backend, training without cross-replica
+synchronization in progress runs faster through one of two kernels, which
+give the same numbers up to float rounding:
 
 - TensorFlow's fused kernel (`FusedBatchNormV3`: cuDNN on a GPU, oneDNN or
-  Eigen on a CPU), for the last axis alone; it also serves half-precision
-  inference.
+  Eigen on a CPU), for the last axis alone, without a mask or ghost
+  batches; it also serves half-precision inference.
 - An XLA-compiled kernel, in float32 (and float64, which TensorFlow's
   kernel does not take) on a CPU where TensorFlow's kernel is Eigen's
   (oneDNN off, the default on most CPUs): three small functions compiled
@@ -38,12 +38,14 @@ def xla_compiling():
     return tf.__internal__.get_enclosing_xla_context() is not None
 
 
-def use_xla_kernel(corrects):
+def use_xla_kernel(corrects, fusable):
     """Whether a float32 or float64 training call takes the XLA kernel.
 
-    `corrects`: whether the layer corrects the normalized value with the
-    batch's statistics (batch renormalization), so that TensorFlow's fused
-    kernel would need a separate moments pass.
+    Args:
+        corrects: Whether the layer corrects the normalized value with the
+            batch's statistics (batch renormalization), so that TensorFlow's
+            fused kernel would need a separate moments pass.
+        fusable: Whether TensorFlow's fused kernel could serve the call.
     """
     setting = os.environ.get(XLA_KERNEL_VARIABLE, "auto").strip()
     if setting in ("0", "1"):
@@ -52,7 +54,7 @@ def use_xla_kernel(corrects):
         # Under XLA the layer's own ops compile as well; on a GPU cuDNN's
         # kernel is the fast one.
         return False
-    return corrects or not _onednn_enabled()
+    return corrects or not fusable or not _onednn_enabled()
 
 
 @functools.cache
@@ -72,21 +74,27 @@ def _onednn_enabled():
     return _pywrap_util_port.IsMklEnabled()
 
 
-def xla_training(layer, inputs):
-    """`layer`'s training call through the XLA-compiled kernel.
+def xla_normalize(layer, x, axes, mask):
+    """Batch-normalizes `x` over `axes` through the XLA-compiled kernel.
 
-    Works on the layer's merged view of the input. The scale and offset
-    applied to the batch-normalized value come from the layer's
-    `_fused_scale_offset`, as with TensorFlow's fused kernel; they receive
-    gradients, and the batch statistics do through the kernel's gradient.
+    `x` is the layer's merged view of its input (with a leading ghost axis
+    for ghost batches) and `mask` is `None` or broadcastable to it. The
+    scale and offset applied to the batch-normalized value come from the
+    layer's `_normalized_affine`; they receive gradients, and the batch
+    statistics do through the kernel's gradient.
+
+    Returns:
+        `(outputs, mean, variance, count)`, the statistics as
+        `_statistics.moments` returns them.
     """
     import tensorflow as tf
 
     functions = _xla_functions()
-    axes = tuple(layer._reduction_axes)
+    axes = tuple(axes)
     epsilon = layer.epsilon
-    x = layer._to_view(inputs)
-    mean, variance = functions.moments(x, axes)
+    if mask is not None:
+        mask = tf.cast(mask, x.dtype)
+    mean, variance, count = functions.moments(x, axes, mask)
 
     @tf.custom_gradient
     def normalize(x, mean, variance, scale, offset):
@@ -94,31 +102,42 @@ def xla_training(layer, inputs):
 
         def grad(dy):
             dx, dscale, doffset = functions.normalize_grad(
-                dy, x, mean, variance, scale, axes, epsilon
+                dy, x, mean, variance, count, mask, scale, axes, epsilon
             )
             # `mean` and `variance` are the batch's own statistics: their
             # share of the gradient is already in `dx`.
-            return dx, None, None, dscale, doffset
+            return (
+                dx,
+                None,
+                None,
+                _sum_to_shape(dscale, scale),
+                _sum_to_shape(doffset, offset),
+            )
 
         return y, grad
 
-    scale, offset = layer._fused_scale_offset(
-        layer._to_param_shape(mean), layer._to_param_shape(variance)
+    scale, offset = layer._normalized_affine(
+        mean, variance, lambda w: layer._broadcast(w, x.dtype)
     )
-    y = normalize(
-        x,
-        mean,
-        variance,
-        tf.reshape(scale, layer._broadcast_shape),
-        tf.reshape(offset, layer._broadcast_shape),
-    )
-    count = tf.cast(
-        tf.size(x, tf.int64) // tf.size(mean, tf.int64), mean.dtype
-    )
-    layer._update_moving_statistics(
-        layer._to_param_shape(mean), layer._to_param_shape(variance), count
-    )
-    return tf.reshape(y, tf.shape(inputs))
+    outputs = normalize(x, mean, variance, scale, offset)
+    return outputs, mean, variance, count
+
+
+def _sum_to_shape(gradient, like):
+    """`gradient` summed over the axes along which `like` was broadcast."""
+    import tensorflow as tf
+
+    extra = len(gradient.shape) - len(like.shape)
+    if extra:
+        gradient = tf.reduce_sum(gradient, list(range(extra)))
+    axes = [
+        a
+        for a, (g, w) in enumerate(zip(gradient.shape, like.shape))
+        if w == 1 and g != 1
+    ]
+    if axes:
+        gradient = tf.reduce_sum(gradient, axes, keepdims=True)
+    return gradient
 
 
 @functools.cache
@@ -133,9 +152,8 @@ def _xla_functions():
     )
 
     @compiled
-    def moments(x, axes):
-        mean, variance, _ = _statistics.moments(x, list(axes))
-        return mean, variance
+    def moments(x, axes, mask):
+        return _statistics.moments(x, list(axes), mask)
 
     @compiled
     def normalize(x, mean, variance, scale, offset, epsilon):
@@ -144,17 +162,22 @@ def _xla_functions():
         )
 
     @compiled
-    def normalize_grad(dy, x, mean, variance, scale, axes, epsilon):
+    def normalize_grad(
+        dy, x, mean, variance, count, mask, scale, axes, epsilon
+    ):
         # y = x_hat * scale + offset with x_hat = (x - mean) * inv_std and
-        # the batch's mean and variance: the classic batch-norm gradient.
-        count = tf.cast(
-            tf.size(x, tf.int64) // tf.size(mean, tf.int64), x.dtype
-        )
+        # the batch's (masked) mean and variance over `count` elements: the
+        # classic batch-norm gradient, in which the statistics' share
+        # reaches only the elements that counted. Every output, counted or
+        # not, depends on the statistics, so the sums run over all of them.
         inv_std = tf.math.rsqrt(variance + epsilon)
         x_hat = (x - mean) * inv_std
         doffset = tf.reduce_sum(dy, axes, keepdims=True)
         dscale = tf.reduce_sum(dy * x_hat, axes, keepdims=True)
-        dx = (scale * inv_std) * (dy - (doffset + x_hat * dscale) / count)
+        share = (doffset + x_hat * dscale) / tf.maximum(count, 1.0)
+        if mask is not None:
+            share = share * mask
+        dx = (scale * inv_std) * (dy - share)
         return dx, dscale, doffset
 
     return types.SimpleNamespace(
@@ -170,7 +193,7 @@ def fused_training(layer, inputs):
     statistics accumulated in float32 inside the kernel.
 
     A layer whose scale and offset depend on the batch's statistics
-    (`_fused_scale_offset` overridden) needs them before the kernel runs:
+    (`_normalized_affine` overridden) needs them before the kernel runs:
     they are computed first (one more pass over the input, with no backward
     pass) and the kernel applies the scale and offset itself. Normalizing
     with a unit scale and correcting the kernel's output instead measured
@@ -187,12 +210,16 @@ def fused_training(layer, inputs):
         )
         mean = tf.reshape(mean, (channels,))
         variance = tf.reshape(variance, (channels,))
-        scale, offset = layer._fused_scale_offset(mean, variance)
+        scale, offset = layer._normalized_affine(
+            mean, variance, lambda w: tf.cast(w, mean.dtype)
+        )
         y, _, _ = tf.compat.v1.nn.fused_batch_norm(
             x, scale, offset, epsilon=layer.epsilon, is_training=True
         )
     else:
-        scale, offset = layer._fused_scale_offset(None, None)
+        scale, offset = layer._normalized_affine(
+            None, None, lambda w: tf.cast(w, "float32")
+        )
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, scale, offset, epsilon=layer.epsilon, is_training=True
         )
@@ -224,6 +251,6 @@ def corrects(layer):
     from keras_bn.batch_normalization import BatchNormalization
 
     return (
-        type(layer)._fused_scale_offset
-        is not BatchNormalization._fused_scale_offset
+        type(layer)._normalized_affine
+        is not BatchNormalization._normalized_affine
     )

@@ -117,18 +117,20 @@ class BatchNormalization(layers.Layer):
             costs about half as much (each input shape compiles once, in
             about 0.3 s; the environment variable `KERAS_BN_XLA_KERNEL=0`
             turns it off, `=1` uses it wherever it can serve). `None` uses
-            a kernel wherever it gives the same results: in training no
-            mask, no ghost batches and no cross-replica synchronization in
-            progress; TensorFlow's kernel needs the last axis alone and
-            `epsilon >= 1.001e-5` as well, and under XLA (`jit_compile`)
-            serves batch normalization but not `BatchRenormalization`,
-            whose `keras.ops` path computes the batch statistics once and
-            measured faster there; in inference TensorFlow's kernel serves
-            half-precision inputs only (float32 inference is two
-            element-wise ops either way). `True` raises a `ValueError` at
-            build time if the layer's configuration rules TensorFlow's
-            kernel out; `False` never uses a kernel. The results are the
-            same either way, up to float rounding. Defaults to `None`.
+            a kernel wherever it gives the same results: in training, not
+            while cross-replica synchronization is in progress; the XLA
+            kernel serves any axes, masks and ghost batches, outside
+            XLA-compiled functions; TensorFlow's kernel needs the last axis
+            alone, no mask, no ghost batches and `epsilon >= 1.001e-5`, and
+            under XLA (`jit_compile`) serves batch normalization but not
+            `BatchRenormalization`, whose `keras.ops` path computes the
+            batch statistics once and measured faster there; in inference
+            TensorFlow's kernel serves half-precision inputs only (float32
+            inference is two element-wise ops either way). `True` raises a
+            `ValueError` at build time if the layer's configuration rules
+            TensorFlow's kernel out; `False` never uses a kernel. The
+            results are the same either way, up to float rounding. Defaults
+            to `None`.
         renorm, renorm_clipping, renorm_momentum: As in
             `keras.layers.BatchNormalization`: `renorm=True` constructs a
             `keras_bn.BatchRenormalization` with these arguments (see there).
@@ -361,9 +363,7 @@ class BatchNormalization(layers.Layer):
 
         The kernel normalizes the last axis with the statistics of the
         batch (training) or given ones (inference); it cannot split ghost
-        batches, and TensorFlow raises epsilons below 1.001e-5. Subclasses
-        that correct the batch-normalized value (`_batch_affine`) use it for
-        inference only.
+        batches, and TensorFlow raises epsilons below 1.001e-5.
         """
         reasons = []
         if backend.backend() != "tensorflow":
@@ -399,23 +399,17 @@ class BatchNormalization(layers.Layer):
             # inputs gain from the kernel reading them without a cast.
             half = dtype in ("float16", "bfloat16")
             return "fused" if self._fused and half else None
-        if (
-            mask is not None
-            or self.virtual_batch_size is not None
-            or (self.synchronized and _statistics.replica_context())
-        ):
+        if self.synchronized and _statistics.replica_context():
             return None
-        own = type(self)
         corrects = _kernels.corrects(self)
-        if own._batch_affine is not BatchNormalization._batch_affine and (
-            not corrects
-        ):
-            return None  # A correction the kernels do not know about.
+        fusable = (
+            self._fused and mask is None and dtype in _FUSED_DTYPES
+        )
         if dtype in ("float32", "float64") and _kernels.use_xla_kernel(
-            corrects
+            corrects, fusable
         ):
             return "xla"
-        if not self._fused or dtype not in _FUSED_DTYPES:
+        if not fusable:
             return None
         if corrects and _kernels.xla_compiling():
             # The fused kernel needs a corrected layer's (batch
@@ -437,8 +431,6 @@ class BatchNormalization(layers.Layer):
 
     def _train_step(self, inputs, mask, kernel):
         """Normalizes with batch statistics and updates the moving ones."""
-        if kernel == "xla":
-            return _kernels.xla_training(self, inputs)
         if kernel == "fused":
             return _kernels.fused_training(self, inputs)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
@@ -454,10 +446,16 @@ class BatchNormalization(layers.Layer):
         mask = self._mask_to_view(mask, x, lead)
         x = self._to_view(x, lead)
         axes = [a + lead for a in self._reduction_axes]
-        mean, variance, count = _statistics.moments(
-            x, axes, mask, synchronized=self.synchronized and not ghosts
-        )
-        scale, offset = self._batch_affine(mean, variance)
+        if kernel == "xla":
+            outputs, mean, variance, count = _kernels.xla_normalize(
+                self, x, axes, mask
+            )
+        else:
+            mean, variance, count = _statistics.moments(
+                x, axes, mask, synchronized=self.synchronized and not ghosts
+            )
+            scale, offset = self._batch_affine(mean, variance)
+            outputs = x * scale + offset
         if ghosts:
             mean, variance, count = _statistics.combine_ghosts(
                 mean, variance, count, synchronized=self.synchronized
@@ -467,7 +465,7 @@ class BatchNormalization(layers.Layer):
             self._to_param_shape(variance),
             self._to_param_shape(count),
         )
-        outputs = ops.reshape(x * scale + offset, layout)
+        outputs = ops.reshape(outputs, layout)
         if ghosts:
             outputs = _statistics.ghost_merge(outputs, batch_size)
         return outputs
@@ -476,12 +474,11 @@ class BatchNormalization(layers.Layer):
         """`_affine` for batch statistics in training.
 
         Subclasses that correct the normalized value in training (batch
-        renormalization) override this, and `_fused_scale_offset` too if
-        they are to use the fused kernel in training.
+        renormalization) override this and `_normalized_affine`.
         """
         return self._affine(mean, variance)
 
-    def _fused_scale_offset(self, mean, variance):
+    def _normalized_affine(self, mean, variance, shaped):
         """Scale and offset applied to the batch-normalized input.
 
         The kernels (`_kernels`) compute `x_hat = (x - mean) /
@@ -492,17 +489,19 @@ class BatchNormalization(layers.Layer):
         `offset` but not the statistics passed here.
 
         Args:
-            mean, variance: The batch's mean and biased variance, in the
-                weights' shape.
+            mean, variance: The batch's mean and biased variance, or `None`
+                where this class does not need them.
+            shaped: Function that casts and reshapes a weight to broadcast
+                against `mean`.
 
         Returns:
-            `(scale, offset)`, vectors in the weights' shape.
+            `(scale, offset)`, broadcastable against `mean`.
         """
         del mean, variance
         shape = self._param_shape
         scale = ops.ones(shape) if self.gamma is None else self.gamma
         offset = ops.zeros(shape) if self.beta is None else self.beta
-        return scale, offset
+        return shaped(scale), shaped(offset)
 
     def _affine(self, mean, variance):
         """`(scale, offset)` such that the output is `x * scale + offset`.

@@ -291,12 +291,10 @@ class BatchRenormalization(BatchNormalization):
         scale = scale / stddev
         return scale, offset - mean * scale
 
-    def _fused_scale_offset(self, mean, variance):
-        """`r * gamma` and `d * gamma + beta` for the fused kernel."""
+    def _normalized_affine(self, mean, variance, shaped):
+        """`r * gamma` and `d * gamma + beta`, applied by the kernels."""
         return self._corrected_affine(
-            mean,
-            ops.sqrt(variance + self.epsilon),
-            lambda w: ops.cast(w, mean.dtype),
+            mean, ops.sqrt(variance + self.epsilon), shaped
         )
 
     def _corrected_affine(self, mean, stddev, shaped):

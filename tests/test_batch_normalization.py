@@ -897,6 +897,47 @@ class FusedPathTest(test_case.LayerTestCase):
         )
 
     @parameterized.named_parameters(
+        ("sequence_mask", {}, (6, 5, 3), "sequence"),
+        ("example_mask_channels_first", {"axis": 1}, (6, 3, 4), "example"),
+        ("ghost", {"virtual_batch_size": 4}, (8, 5, 3), None),
+        ("ghost_remainder_mask", {"virtual_batch_size": 4}, (10, 5, 3),
+         "sequence"),
+        ("renorm_mask", RENORM, (6, 5, 3), "sequence"),
+        ("renorm_ghost_remainder", dict(RENORM, virtual_batch_size=3),
+         (8, 2, 3), None),
+    )
+    def test_xla_kernel_with_masks_and_ghosts(self, cfg, shape, mask_kind):
+        import tensorflow as tf
+
+        rng = _rng(24)
+        layers = [
+            keras_bn.BatchNormalization(fused=fused, **cfg)
+            for fused in (None, False)
+        ]
+        for layer in layers:
+            layer.build(shape)
+        _randomize(layers[0], rng)
+        layers[1].set_weights(layers[0].get_weights())
+
+        def step(layer, x, w, mask):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True, mask=mask)
+                loss = tf.reduce_sum(y * w)
+            return [y] + tape.gradient(loss, [x] + layer.trainable_weights)
+
+        with _xla_kernel("1"):
+            for i in range(3):
+                x = tf.constant(rng.normal(i, 2.0, shape).astype("float32"))
+                w = tf.constant(rng.normal(0.0, 1.0, shape).astype("float32"))
+                mask = _mask_for(mask_kind, shape, rng, step=i)
+                results = [step(layer, x, w, mask) for layer in layers]
+                for a, b in zip(*results):
+                    self.assertAllClose(a, b, atol=1e-4, rtol=1e-4)
+        for a, b in zip(*(layer.weights for layer in layers)):
+            self.assertAllClose(a, b, atol=1e-5, rtol=1e-5, msg=a.name)
+
+    @parameterized.named_parameters(
         ("xla", "1", "XlaMustCompile"), ("tensorflow", "0", "FusedBatchNorm")
     )
     def test_kernel_setting_picks_the_kernel(self, setting, expected):
