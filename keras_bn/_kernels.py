@@ -89,7 +89,7 @@ def xla_normalize(layer, x, axes, mask):
     """
     import tensorflow as tf
 
-    functions = _xla_functions()
+    functions = _xla_functions(len(x.shape))
     axes = tuple(axes)
     epsilon = layer.epsilon
     if mask is not None:
@@ -141,14 +141,21 @@ def _sum_to_shape(gradient, like):
 
 
 @functools.cache
-def _xla_functions():
-    """The kernel's compiled functions, made once per process."""
+def _xla_functions(rank):
+    """The kernel's compiled functions for inputs of `rank`.
+
+    Made once per process and rank. With `reduce_retracing`, layers of
+    many shapes share one trace per rank (XLA still compiles each shape),
+    so eager callers get no retracing warnings; a trace generalized
+    across ranks would lose the static rank the statistics need.
+    """
     import types
 
     import tensorflow as tf
 
+    del rank  # The cache key.
     compiled = functools.partial(
-        tf.function, jit_compile=True, autograph=False
+        tf.function, jit_compile=True, autograph=False, reduce_retracing=True
     )
 
     @compiled

@@ -952,6 +952,19 @@ class FusedPathTest(test_case.LayerTestCase):
             ).graph
         self.assertIn(expected, str(graph.as_graph_def()))
 
+    def test_xla_kernel_does_not_retrace_per_shape_eagerly(self):
+        # Eager callers (run_eagerly=True) reach the compiled functions
+        # with each layer's own shape; TensorFlow warns when a function
+        # retraces that often.
+        rng = _rng(25)
+        with _xla_kernel("1"), self.assertNoLogs("tensorflow", "WARNING"):
+            for width in range(3, 11):
+                layer = keras_bn.BatchNormalization()
+                x = rng.normal(0.0, 1.0, (4, width)).astype("float32")
+                y = keras.ops.convert_to_numpy(layer(x, training=True))
+                self.assertAllClose(y.mean(axis=0), np.zeros(width),
+                                    atol=1e-5)
+
     def test_second_order_gradients_through_the_xla_kernel(self):
         # A gradient penalty differentiates the input gradient again; the
         # statistics' dependence on the input must survive in it.
