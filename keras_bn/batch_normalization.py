@@ -471,12 +471,17 @@ class BatchNormalization(layers.Layer):
         return outputs
 
     def _batch_affine(self, mean, variance):
-        """`_affine` for batch statistics in training.
+        """`(scale, offset)` of the `keras.ops` training path.
 
-        Subclasses that correct the normalized value in training (batch
-        renormalization) override this and `_normalized_affine`.
+        The output is `x * scale + offset`: the batch-normalized input
+        times the scale and plus the offset of `_normalized_affine`, so
+        subclasses override that alone and every path follows.
         """
-        return self._affine(mean, variance)
+        scale, offset = self._normalized_affine(
+            mean, variance, lambda w: self._broadcast(w, mean.dtype)
+        )
+        scale = scale * ops.rsqrt(variance + self.epsilon)
+        return scale, offset - mean * scale
 
     def _normalized_affine(self, mean, variance, shaped):
         """Scale and offset applied to the batch-normalized input.

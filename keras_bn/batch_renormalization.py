@@ -282,23 +282,9 @@ class BatchRenormalization(BatchNormalization):
         self.renorm_step.assign_add(ops.cast(1, self.renorm_step.dtype))
         return outputs
 
-    def _batch_affine(self, mean, variance):
-        """Batch normalization corrected by `r` and `d` (see the class)."""
-        stddev = ops.sqrt(variance + self.epsilon)
-        scale, offset = self._corrected_affine(
-            mean, stddev, lambda w: self._broadcast(w, mean.dtype)
-        )
-        scale = scale / stddev
-        return scale, offset - mean * scale
-
     def _normalized_affine(self, mean, variance, shaped):
-        """`r * gamma` and `d * gamma + beta`, applied by the kernels."""
-        return self._corrected_affine(
-            mean, ops.sqrt(variance + self.epsilon), shaped
-        )
-
-    def _corrected_affine(self, mean, stddev, shaped):
         """`(r * gamma, d * gamma + beta)`, the weights read by `shaped`."""
+        stddev = ops.sqrt(variance + self.epsilon)
         scale, offset = self._corrections(
             mean, stddev, shaped(self.renorm_mean), shaped(self.renorm_stddev)
         )
