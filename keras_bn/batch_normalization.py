@@ -112,25 +112,23 @@ class BatchNormalization(layers.Layer):
             the TensorFlow backend: TensorFlow's fused batch-normalization
             kernel (cuDNN on a GPU, oneDNN or Eigen on a CPU), or, for
             float32 and float64 training on a CPU where TensorFlow's kernel
-            is Eigen's (oneDNN off, the default on most CPUs), a small
-            XLA-compiled kernel that is called from the ordinary graph and
-            costs about half as much (each input shape compiles once, in
-            about 0.3 s; the environment variable `KERAS_BN_XLA_KERNEL=0`
-            turns it off, `=1` uses it wherever it can serve). `None` uses
-            a kernel wherever it gives the same results: in training, not
-            while cross-replica synchronization is in progress; the XLA
-            kernel serves any axes, masks and ghost batches, outside
-            XLA-compiled functions; TensorFlow's kernel needs the last axis
-            alone, no mask, no ghost batches and `epsilon >= 1.001e-5`, and
-            under XLA (`jit_compile`) serves batch normalization but not
-            `BatchRenormalization`, whose `keras.ops` path computes the
-            batch statistics once and measured faster there; in inference
-            TensorFlow's kernel serves half-precision inputs only (float32
-            inference is two element-wise ops either way). `True` raises a
-            `ValueError` at build time if the layer's configuration rules
-            TensorFlow's kernel out; `False` never uses a kernel. The
-            results are the same either way, up to float rounding. Defaults
-            to `None`.
+            is Eigen's (oneDNN off, TensorFlow's default on CPUs without
+            AVX-512 VNNI), a small XLA-compiled kernel that is called from
+            the ordinary graph and costs about half as much (each input
+            shape compiles once, in about 0.3 s; the environment variable
+            `KERAS_BN_XLA_KERNEL=0` turns it off, `=1` uses it wherever it
+            can serve). `None` uses a kernel wherever it gives the same
+            results: in training, not while cross-replica synchronization
+            is in progress; the XLA kernel serves any axes, masks and ghost
+            batches, outside XLA-compiled functions; TensorFlow's kernel
+            needs the last axis alone, no mask, no ghost batches and
+            `epsilon >= 1.001e-5`, and serves under XLA (`jit_compile`) too;
+            in inference TensorFlow's kernel serves half-precision inputs
+            only (float32 inference is two element-wise ops either way).
+            `True` raises a `ValueError` at build time if the layer's
+            configuration rules TensorFlow's kernel out; `False` never uses
+            a kernel. The results are the same either way, up to float
+            rounding. Defaults to `None`.
         renorm, renorm_clipping, renorm_momentum: As in
             `keras.layers.BatchNormalization`: `renorm=True` constructs a
             `keras_bn.BatchRenormalization` with these arguments (see there).
@@ -401,23 +399,14 @@ class BatchNormalization(layers.Layer):
             return "fused" if self._fused and half else None
         if self.synchronized and _statistics.replica_context():
             return None
-        corrects = _kernels.corrects(self)
         fusable = (
             self._fused and mask is None and dtype in _FUSED_DTYPES
         )
         if dtype in ("float32", "float64") and _kernels.use_xla_kernel(
-            corrects, fusable
+            fusable
         ):
             return "xla"
-        if not fusable:
-            return None
-        if corrects and _kernels.xla_compiling():
-            # The fused kernel needs a corrected layer's (batch
-            # renormalization's) statistics before it runs, so it computes
-            # them twice; under XLA the `keras.ops` path, which computes
-            # them once, measured faster.
-            return None
-        return "fused"
+        return "fused" if fusable else None
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(

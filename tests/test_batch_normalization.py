@@ -839,8 +839,7 @@ class FusedPathTest(test_case.LayerTestCase):
          "float32", False, "xla"),
         ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16", False,
          "tensorflow"),
-        # Under XLA a renorm layer takes the keras.ops path unless the XLA
-        # kernel is forced, which then runs inlined in the outer function.
+        # Under XLA the kernels run inlined in the outer function.
         ("renorm_xla", RENORM, (8, 3, 4), "float32", True, "tensorflow"),
         ("renorm_xla_kernel", RENORM, (8, 3, 4), "float32", True, "xla"),
         ("renorm_mixed_xla", RENORM_MIXED, (8, 3, 4), "mixed_float16", True,
@@ -965,7 +964,14 @@ class FusedPathTest(test_case.LayerTestCase):
                 self.assertAllClose(y.mean(axis=0), np.zeros(width),
                                     atol=1e-5)
 
-    def test_second_order_gradients_through_the_xla_kernel(self):
+    @parameterized.named_parameters(
+        ("xla", {}, "float64", "1", 1e-9),
+        ("renorm_xla", RENORM, "float64", "1", 1e-9),
+        ("renorm_tensorflow", RENORM, "float32", "0", 1e-4),
+    )
+    def test_second_order_gradients_through_the_kernels(
+        self, cfg, dtype, kernel, tolerance
+    ):
         # A gradient penalty differentiates the input gradient again; the
         # statistics' dependence on the input must survive in it.
         import tensorflow as tf
@@ -973,15 +979,15 @@ class FusedPathTest(test_case.LayerTestCase):
         rng = _rng(23)
         shape = (6, 3)
         layers = [
-            keras_bn.BatchNormalization(fused=fused, dtype="float64")
+            keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
             for fused in (None, False)
         ]
         for layer in layers:
             layer.build(shape)
         _randomize(layers[0], rng)
         layers[1].set_weights(layers[0].get_weights())
-        x = tf.constant(rng.normal(1.0, 2.0, shape))
-        w = tf.constant(rng.normal(0.0, 1.0, shape))
+        x = tf.constant(rng.normal(1.0, 2.0, shape).astype(dtype))
+        w = tf.constant(rng.normal(0.0, 1.0, shape).astype(dtype))
 
         def penalty_grads(layer):
             with tf.GradientTape() as outer:
@@ -994,11 +1000,18 @@ class FusedPathTest(test_case.LayerTestCase):
                 penalty = tf.reduce_sum(dx**2)
             return outer.gradient(penalty, [x] + layer.trainable_weights)
 
-        with _xla_kernel("1"):
-            kernel = penalty_grads(layers[0])
+        with _xla_kernel(kernel):
+            kernel_grads = penalty_grads(layers[0])
+            graph = tf.function(
+                lambda x: layers[0](x, training=True)
+            ).get_concrete_function(x).graph.as_graph_def()
         reference = penalty_grads(layers[1])
-        for a, b in zip(kernel, reference):
-            self.assertAllClose(a, b, atol=1e-9, rtol=1e-9)
+        for a, b in zip(kernel_grads, reference):
+            self.assertAllClose(a, b, atol=tolerance, rtol=tolerance)
+        self.assertIn(
+            "XlaMustCompile" if kernel == "1" else "FusedBatchNorm",
+            str(graph),
+        )
 
     def test_fused_under_jit_compile_equals_eager(self):
         import tensorflow as tf
