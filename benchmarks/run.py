@@ -132,10 +132,12 @@ def parse_args(argv):
 
 @dataclasses.dataclass(frozen=True)
 class Pair:
-    """A keras_bn layer and the core Keras layer it is compared with.
+    """A keras_bn layer and the layer it is compared with.
 
     `core` and `keras_bn` take the input shape and the dtype policy and
-    return a new layer. `memory_bound` pairs get the bandwidth-floor column.
+    return a new layer; `core` is core Keras's counterpart, except in the
+    pair that prices batch renormalization against keras_bn's own batch
+    normalization. `memory_bound` pairs get the bandwidth-floor column.
     """
 
     name: str
@@ -143,6 +145,7 @@ class Pair:
     keras_bn: object
     shapes: tuple
     memory_bound: bool
+    steps: tuple = STEPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -201,6 +204,18 @@ def make_pairs(quick):
             norm_shapes,
             memory_bound=True,
         ),
+        # What renormalization adds to keras_bn's batch normalization, in
+        # one run; inference is the same two element-wise ops in both.
+        Pair(
+            "BatchRenormalization vs keras_bn BN",
+            lambda shape, dtype: keras_bn.BatchNormalization(dtype=dtype),
+            lambda shape, dtype: keras_bn.BatchRenormalization(
+                renorm_clipping=clipping, dtype=dtype
+            ),
+            norm_shapes,
+            memory_bound=True,
+            steps=("train",),
+        ),
         Pair(
             "LSTM",
             lambda shape, dtype: keras.layers.LSTM(shape[-1], dtype=dtype),
@@ -225,7 +240,7 @@ def make_rows(pairs, only):
         for shape in pair.shapes
         for policy in POLICIES
         for jit in (False, True)
-        for step in STEPS
+        for step in pair.steps
     ]
     if only:
         rows = [r for r in rows if any(re.search(p, r.name) for p in only)]
