@@ -839,6 +839,8 @@ class FusedPathTest(test_case.LayerTestCase):
          "float32", False, "xla"),
         ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16", False,
          "tensorflow"),
+        ("renorm_mixed_bfloat16", RENORM_MIXED, (8, 3, 4), "mixed_bfloat16",
+         False, "tensorflow"),
         # Under XLA the kernels run inlined in the outer function.
         ("renorm_xla", RENORM, (8, 3, 4), "float32", True, "tensorflow"),
         ("renorm_xla_kernel", RENORM, (8, 3, 4), "float32", True, "xla"),
