@@ -38,7 +38,8 @@ def pieces(shape):
     channels = shape[-1]
     x = tf.random.normal(shape, mean=1.0, stddev=2.0)
     dy = tf.random.normal(shape)
-    x4 = tf.reshape(x, (-1, 1, 1, channels))
+    # The view the layers give TensorFlow's kernel (keras_bn._kernels).
+    x4 = tf.reshape(x, (shape[0], -1, 1, channels))
     dy4 = tf.reshape(dy, x4.shape)
     gamma, beta = tf.ones(channels), tf.zeros(channels)
     _, _, _, *reserve = tf.raw_ops.FusedBatchNormV3(
