@@ -261,8 +261,9 @@ def _corrected_fused_batch_norm(layer, x, count):
     gradient is the training-mode kernel's, with the first call's saved
     statistics: `r` and `d` are constants to the gradient, the batch's
     statistics are not. Two forward kernels and one backward measured
-    1.05x to 1.1x batch normalization's one and one, where a moments pass
-    of TensorFlow ops before the kernel cost 1.3x to 2x.
+    1.00x to 1.05x batch normalization's one and one with oneDNN
+    (docs/performance.md), where a moments pass of TensorFlow ops before
+    the kernel cost 1.3x to 2x.
 
     Returns:
         `(y, mean, variance)`, the statistics as the layer keeps them.
