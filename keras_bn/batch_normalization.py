@@ -2,7 +2,6 @@
 
 import inspect
 import math
-import numbers
 
 from keras import backend
 from keras import constraints
@@ -14,6 +13,7 @@ from keras import saving
 
 from keras_bn import _kernels
 from keras_bn import _statistics
+from keras_bn import _validation
 
 
 @saving.register_keras_serializable(package="keras_bn")
@@ -198,11 +198,13 @@ class BatchNormalization(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.axis = _validate_axis(axis)
-        self.momentum = _validate_momentum(momentum)
-        self.epsilon = _validate_epsilon(epsilon)
-        self.center = bool(center)
-        self.scale = bool(scale)
+        self.axis = _validation.axis("axis", axis)
+        self.momentum = _validation.momentum(
+            "momentum", momentum, allow_none=True
+        )
+        self.epsilon = _validation.epsilon("epsilon", epsilon)
+        self.center = _validation.boolean("center", center)
+        self.scale = _validation.boolean("scale", scale)
         self.beta_initializer = initializers.get(beta_initializer)
         self.gamma_initializer = initializers.get(gamma_initializer)
         self.moving_mean_initializer = initializers.get(moving_mean_initializer)
@@ -219,22 +221,18 @@ class BatchNormalization(layers.Layer):
                 "subclass keras_bn.BatchRenormalization instead. Received: "
                 "renorm=True"
             )
+        synchronized = _validation.boolean("synchronized", synchronized)
         if synchronized and backend.backend() not in ("tensorflow", "jax"):
             raise ValueError(
                 "Argument `synchronized=True` needs the TensorFlow or JAX "
-                f"backend. Received: synchronized={synchronized} with the "
+                f"backend. Received: synchronized={synchronized!r} with the "
                 f"{backend.backend()} backend"
             )
-        self.synchronized = bool(synchronized)
-        self.virtual_batch_size = _validate_virtual_batch_size(
-            virtual_batch_size
+        self.synchronized = synchronized
+        self.virtual_batch_size = _validation.integer(
+            "virtual_batch_size", virtual_batch_size, 1, allow_none=True
         )
-        if fused not in (None, True, False):
-            raise ValueError(
-                "Argument `fused` must be True, False or None. Received: "
-                f"fused={fused}"
-            )
-        self.fused = fused
+        self.fused = _validation.boolean("fused", fused, allow_none=True)
         self.supports_masking = True
 
         self.gamma = None
@@ -248,7 +246,7 @@ class BatchNormalization(layers.Layer):
         if self.virtual_batch_size is not None and 0 in axes:
             raise ValueError(
                 "Ghost batches split axis 0, so it cannot be a normalized "
-                f"axis. Received: axis={self.axis}, "
+                f"axis. Received: axis={self.axis!r}, "
                 f"virtual_batch_size={self.virtual_batch_size}"
             )
         self._axes = axes
@@ -635,27 +633,6 @@ def _adjacent_runs(rank, normalized_axes):
     return runs
 
 
-def _validate_axis(axis):
-    if isinstance(axis, (list, tuple)):
-        values = list(axis)
-    else:
-        values = [axis]
-    if not values or not all(
-        isinstance(a, numbers.Integral) and not isinstance(a, bool)
-        for a in values
-    ):
-        raise ValueError(
-            "Argument `axis` must be an integer or a non-empty list of "
-            f"integers. Received: axis={axis}"
-        )
-    values = [int(a) for a in values]
-    if len(set(values)) != len(values):
-        raise ValueError(
-            f"Argument `axis` repeats an axis. Received: axis={axis}"
-        )
-    return values if isinstance(axis, (list, tuple)) else values[0]
-
-
 def _resolve_axes(axis, input_shape):
     """Sorted non-negative axes; checks range, repeats and known sizes."""
     rank = len(input_shape)
@@ -664,14 +641,14 @@ def _resolve_axes(axis, input_shape):
         if not -rank <= a < rank:
             raise ValueError(
                 f"Argument `axis` is out of range for inputs of rank {rank} "
-                f"(allowed: {-rank} to {rank - 1}). Received: axis={axis}, "
+                f"(allowed: {-rank} to {rank - 1}). Received: axis={axis!r}, "
                 f"input_shape={tuple(input_shape)}"
             )
     axes = sorted(a % rank for a in given)
     if len(set(axes)) != len(axes):
         raise ValueError(
             f"Argument `axis` names the same axis twice for inputs of rank "
-            f"{rank}. Received: axis={axis}"
+            f"{rank}. Received: axis={axis!r}"
         )
     for a in axes:
         if input_shape[a] is None:
@@ -679,49 +656,6 @@ def _resolve_axes(axis, input_shape):
                 "A normalized axis must have a known size, since the layer "
                 f"keeps statistics for each position on it. Axis {a} of "
                 f"input_shape={tuple(input_shape)} is None. Received: "
-                f"axis={axis}"
+                f"axis={axis!r}"
             )
     return axes
-
-
-def _validate_momentum(momentum):
-    if momentum is None:
-        return None
-    if (
-        not isinstance(momentum, numbers.Real)
-        or isinstance(momentum, bool)
-        or not 0.0 <= momentum < 1.0
-    ):
-        raise ValueError(
-            "Argument `momentum` must be a float in [0, 1), or None for a "
-            f"cumulative average. Received: momentum={momentum}"
-        )
-    return float(momentum)
-
-
-def _validate_epsilon(epsilon):
-    if (
-        not isinstance(epsilon, numbers.Real)
-        or isinstance(epsilon, bool)
-        or not epsilon > 0.0
-    ):
-        raise ValueError(
-            f"Argument `epsilon` must be a positive float. Received: "
-            f"epsilon={epsilon}"
-        )
-    return float(epsilon)
-
-
-def _validate_virtual_batch_size(virtual_batch_size):
-    if virtual_batch_size is None:
-        return None
-    if (
-        not isinstance(virtual_batch_size, numbers.Integral)
-        or isinstance(virtual_batch_size, bool)
-        or virtual_batch_size <= 0
-    ):
-        raise ValueError(
-            "Argument `virtual_batch_size` must be a positive integer or "
-            f"None. Received: virtual_batch_size={virtual_batch_size}"
-        )
-    return int(virtual_batch_size)

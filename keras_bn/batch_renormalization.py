@@ -7,6 +7,7 @@ from keras import ops
 from keras import saving
 
 from keras_bn import _statistics
+from keras_bn import _validation
 from keras_bn import schedules
 from keras_bn.batch_normalization import BatchNormalization
 
@@ -159,7 +160,7 @@ class BatchRenormalization(BatchNormalization):
             raise ValueError(
                 "keras_bn.BatchRenormalization always renormalizes; use "
                 "keras_bn.BatchNormalization for plain batch normalization. "
-                f"Received: renorm={renorm}"
+                f"Received: renorm={renorm!r}"
             )
         super().__init__(
             axis=axis,
@@ -182,7 +183,9 @@ class BatchRenormalization(BatchNormalization):
         )
         self.renorm = True
         self.renorm_clipping = _validate_clipping(renorm_clipping)
-        self.renorm_momentum = _validate_renorm_momentum(renorm_momentum)
+        self.renorm_momentum = _validation.momentum(
+            "renorm_momentum", renorm_momentum
+        )
 
         self.moving_stddev = None
         self.renorm_mean = None
@@ -398,16 +401,3 @@ def _validate_clipping(renorm_clipping):
             )
         clipping[key] = value
     return clipping
-
-
-def _validate_renorm_momentum(renorm_momentum):
-    if (
-        not isinstance(renorm_momentum, numbers.Real)
-        or isinstance(renorm_momentum, bool)
-        or not 0.0 <= renorm_momentum < 1.0
-    ):
-        raise ValueError(
-            "Argument `renorm_momentum` must be a float in [0, 1). "
-            f"Received: renorm_momentum={renorm_momentum}"
-        )
-    return float(renorm_momentum)

@@ -17,6 +17,7 @@ from keras import regularizers
 from keras import saving
 
 from keras_bn import _statistics
+from keras_bn import _validation
 
 STATISTICS_MODES = ("per_step", "shared")
 
@@ -60,10 +61,10 @@ class _BNRecurrentCell(layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        self.units = _positive_int("units", units)
+        self.units = _validation.integer("units", units, 1)
         self.activation = activations.get(activation)
         self.recurrent_activation = activations.get(recurrent_activation)
-        self.use_bias = bool(use_bias)
+        self.use_bias = _validation.boolean("use_bias", use_bias)
         self.kernel_initializer = initializers.get(kernel_initializer)
         self.recurrent_initializer = initializers.get(recurrent_initializer)
         self.bias_initializer = initializers.get(bias_initializer)
@@ -73,27 +74,25 @@ class _BNRecurrentCell(layers.Layer):
         self.kernel_constraint = constraints.get(kernel_constraint)
         self.recurrent_constraint = constraints.get(recurrent_constraint)
         self.bias_constraint = constraints.get(bias_constraint)
-        self.dropout = _rate("dropout", dropout)
-        self.recurrent_dropout = _rate("recurrent_dropout", recurrent_dropout)
+        self.dropout = _validation.rate("dropout", dropout)
+        self.recurrent_dropout = _validation.rate(
+            "recurrent_dropout", recurrent_dropout
+        )
         self.seed = seed
         self.seed_generator = keras.random.SeedGenerator(seed=seed)
-        self.max_timesteps = (
-            None if max_timesteps is None
-            else _positive_int("max_timesteps", max_timesteps)
+        self.max_timesteps = _validation.integer(
+            "max_timesteps", max_timesteps, 1, allow_none=True
         )
-        self.momentum = _momentum(momentum)
-        self.epsilon = _epsilon(epsilon)
-        if statistics not in STATISTICS_MODES:
-            raise ValueError(
-                f"Argument `statistics` must be one of {STATISTICS_MODES}. "
-                f"Received: statistics={statistics!r}"
-            )
-        self.statistics = statistics
+        self.momentum = _validation.momentum("momentum", momentum)
+        self.epsilon = _validation.epsilon("epsilon", epsilon)
+        self.statistics = _validation.choice(
+            "statistics", statistics, STATISTICS_MODES
+        )
         self.input_gamma_initializer = _initializer(input_gamma_initializer)
         self.recurrent_gamma_initializer = _initializer(
             recurrent_gamma_initializer
         )
-        self.initial_state_noise = _non_negative(
+        self.initial_state_noise = _validation.non_negative(
             "initial_state_noise", initial_state_noise
         )
         self.state_size = [self.units]
@@ -579,7 +578,9 @@ class BNLSTMCell(_BNRecurrentCell):
         **kwargs,
     ):
         super().__init__(units, **kwargs)
-        self.unit_forget_bias = bool(unit_forget_bias)
+        self.unit_forget_bias = _validation.boolean(
+            "unit_forget_bias", unit_forget_bias
+        )
         self.cell_gamma_initializer = _initializer(cell_gamma_initializer)
         self.cell_beta_initializer = initializers.get(cell_beta_initializer)
         self.state_size = [self.units, self.units]
@@ -660,10 +661,18 @@ class _BNRecurrent(layers.Layer):
     ):
         super().__init__(**kwargs)
         self.cell = cell
-        self.return_sequences = bool(return_sequences)
-        self.return_state = bool(return_state)
-        self.go_backwards = bool(go_backwards)
-        self.zero_output_for_mask = bool(zero_output_for_mask)
+        self.return_sequences = _validation.boolean(
+            "return_sequences", return_sequences
+        )
+        self.return_state = _validation.boolean(
+            "return_state", return_state
+        )
+        self.go_backwards = _validation.boolean(
+            "go_backwards", go_backwards
+        )
+        self.zero_output_for_mask = _validation.boolean(
+            "zero_output_for_mask", zero_output_for_mask
+        )
         # Accepted by `keras.layers.Bidirectional`; stateful use is not
         # supported.
         self.stateful = False
@@ -1008,71 +1017,6 @@ def _step_count(count, mask):
     if mask is not None:
         count = count[..., :1]
     return ops.reshape(count, (-1,))
-
-
-def _positive_int(name, value):
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value <= 0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a positive integer. Received: "
-            f"{name}={value}"
-        )
-    return int(value)
-
-
-def _rate(name, value):
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not 0.0 <= value < 1.0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a float in [0, 1). Received: "
-            f"{name}={value}"
-        )
-    return float(value)
-
-
-def _momentum(momentum):
-    if (
-        not isinstance(momentum, numbers.Real)
-        or isinstance(momentum, bool)
-        or not 0.0 <= momentum < 1.0
-    ):
-        raise ValueError(
-            "Argument `momentum` must be a float in [0, 1). Received: "
-            f"momentum={momentum}"
-        )
-    return float(momentum)
-
-
-def _epsilon(epsilon):
-    if (
-        not isinstance(epsilon, numbers.Real)
-        or isinstance(epsilon, bool)
-        or not epsilon > 0.0
-    ):
-        raise ValueError(
-            "Argument `epsilon` must be a positive float. Received: "
-            f"epsilon={epsilon}"
-        )
-    return float(epsilon)
-
-
-def _non_negative(name, value):
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not value >= 0.0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a non-negative float. Received: "
-            f"{name}={value}"
-        )
-    return float(value)
 
 
 def _initializer(value):

@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_bn import _validation
 from keras_bn import population
 
 
@@ -67,19 +68,15 @@ class PreciseBN(keras.callbacks.Callback):
         verbose=0,
     ):
         super().__init__()
-        population._validate_positive_int("steps", steps, allow_none=True)
-        population._validate_positive_int("every_n_epochs", every_n_epochs)
-        population._validate_positive_int("batch_size", batch_size)
-        if verbose not in (0, 1):
-            raise ValueError(
-                "Argument `verbose` must be 0 or 1. Received: "
-                f"verbose={verbose}"
-            )
+        _validation.integer("steps", steps, 1, allow_none=True)
+        _validation.integer("every_n_epochs", every_n_epochs, 1)
+        _validation.integer("batch_size", batch_size, 1)
+        _validation.choice("verbose", verbose, (0, 1))
         self.data = data
         self.steps = steps
         self.every_n_epochs = int(every_n_epochs)
         self.batch_size = int(batch_size)
-        self.jit_compile = bool(jit_compile)
+        self.jit_compile = _validation.boolean("jit_compile", jit_compile)
         self.verbose = verbose
         self._epoch = None
         self._recomputed_epoch = None

@@ -1,11 +1,11 @@
 """Population statistics recomputed with frozen weights (PreciseBN)."""
 
-import numbers
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import _validation
 from keras_bn.batch_normalization import BatchNormalization
 
 # Layers whose moving statistics are updated in training as
@@ -103,12 +103,10 @@ def recompute_statistics(
 
     - [Wu and Johnson, 2021](https://arxiv.org/abs/2105.07576).
     """
-    steps = _validate_positive_int("steps", steps, allow_none=True)
-    batch_size = _validate_positive_int("batch_size", batch_size)
-    if verbose not in (0, 1):
-        raise ValueError(
-            f"Argument `verbose` must be 0 or 1. Received: verbose={verbose}"
-        )
+    steps = _validation.integer("steps", steps, 1, allow_none=True)
+    batch_size = _validation.integer("batch_size", batch_size, 1)
+    jit_compile = _validation.boolean("jit_compile", jit_compile)
+    _validation.choice("verbose", verbose, (0, 1))
     if not model.built:
         raise ValueError(
             "The model must be built before its statistics are recomputed. "
@@ -276,20 +274,3 @@ def _batches(data, batch_size):
 
 def _is_array(data):
     return isinstance(data, np.ndarray) or tf.is_tensor(data)
-
-
-def _validate_positive_int(name, value, allow_none=False):
-    if value is None and allow_none:
-        return None
-    if (
-        not isinstance(value, numbers.Integral)
-        or isinstance(value, bool)
-        or value <= 0
-    ):
-        allowed = "a positive integer or None" if allow_none else (
-            "a positive integer"
-        )
-        raise ValueError(
-            f"Argument `{name}` must be {allowed}. Received: {name}={value}"
-        )
-    return int(value)

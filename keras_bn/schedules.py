@@ -6,11 +6,10 @@ tensor with `keras.ops`, so it runs eagerly, in `tf.function` and under
 the layer's config and in `.keras` files.
 """
 
-import math
-import numbers
-
 from keras import ops
 from keras import saving
+
+from keras_bn import _validation
 
 
 @saving.register_keras_serializable(package="keras_bn")
@@ -100,10 +99,10 @@ class LinearRamp(Schedule):
     def __init__(
         self, initial_value=1.0, final_value=1.0, start_step=0, end_step=0
     ):
-        self.initial_value = _validate_value("initial_value", initial_value)
-        self.final_value = _validate_value("final_value", final_value)
-        self.start_step = _validate_step("start_step", start_step)
-        self.end_step = _validate_step("end_step", end_step)
+        self.initial_value = _validation.finite("initial_value", initial_value)
+        self.final_value = _validation.finite("final_value", final_value)
+        self.start_step = _validation.integer("start_step", start_step, 0)
+        self.end_step = _validation.integer("end_step", end_step, 0)
         if self.end_step < self.start_step:
             raise ValueError(
                 "Argument `end_step` must not be before `start_step`. "
@@ -228,43 +227,18 @@ def paper_renorm_clipping(
 
     - [Ioffe, 2017](https://arxiv.org/abs/1702.03275), section 4.1.
     """
-    if not isinstance(rmax, numbers.Real) or not rmax >= 1.0:
-        raise ValueError(
-            f"Argument `rmax` must be a float >= 1. Received: rmax={rmax}"
-        )
-    if not isinstance(dmax, numbers.Real) or not dmax >= 0.0:
-        raise ValueError(
-            f"Argument `dmax` must be a float >= 0. Received: dmax={dmax}"
-        )
+    rmax = _validation.real("rmax", rmax, 1.0)
+    dmax = _validation.real("dmax", dmax, 0.0)
+    warmup_steps = _validation.integer("warmup_steps", warmup_steps, 0)
+    for name, value in (("rmax_steps", rmax_steps), ("dmax_steps", dmax_steps)):
+        _validation.integer(name, value, 0)
+        if value < warmup_steps:
+            _validation.fail(
+                name, value, f"at least warmup_steps={warmup_steps}"
+            )
     rmax_schedule = LinearRamp(1.0, rmax, warmup_steps, rmax_steps)
     return {
         "rmax": rmax_schedule,
         "rmin": Reciprocal(rmax_schedule),
         "dmax": LinearRamp(0.0, dmax, warmup_steps, dmax_steps),
     }
-
-
-def _validate_value(name, value):
-    if (
-        not isinstance(value, numbers.Real)
-        or isinstance(value, bool)
-        or not math.isfinite(value)
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a finite float. Received: "
-            f"{name}={value}"
-        )
-    return float(value)
-
-
-def _validate_step(name, step):
-    if (
-        not isinstance(step, numbers.Integral)
-        or isinstance(step, bool)
-        or step < 0
-    ):
-        raise ValueError(
-            f"Argument `{name}` must be a non-negative integer. Received: "
-            f"{name}={step}"
-        )
-    return int(step)

@@ -44,7 +44,7 @@ class PaperScheduleTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
         ("rmax", {"rmax": 0.5}, "rmax=0.5"),
         ("dmax", {"dmax": -1.0}, "dmax=-1.0"),
-        ("steps", {"warmup_steps": 50, "rmax_steps": 10}, "end_step=10"),
+        ("steps", {"warmup_steps": 50, "rmax_steps": 10}, "rmax_steps=10"),
     )
     def test_bad_arguments(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message):
@@ -100,7 +100,8 @@ class LinearRampTest(test_case.LayerTestCase):
          "start_step=-1"),
         ("float_step", {"end_step": 2.5}, "end_step=2.5"),
         ("nan_value", {"final_value": float("nan")}, "final_value=nan"),
-        ("string_value", {"initial_value": "1"}, "initial_value=1"),
+        ("string_value", {"initial_value": "1"},
+         r"initial_value='1' \(a str\)"),
     )
     def test_bad_arguments(self, kwargs, message):
         with self.assertRaisesRegex(ValueError, message):
