@@ -216,7 +216,7 @@ def fused_training(layer, inputs):
         y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
             x, scale, offset, epsilon=layer.epsilon, is_training=True
         )
-        variance = _biased(variance, count)
+        variance = _statistics.biased_variance(variance, count)
     layer._update_moving_statistics(mean, variance, count)
     return tf.reshape(y, tf.shape(inputs))
 
@@ -241,13 +241,6 @@ def _image_view(layer, inputs):
     return tf.reshape(
         inputs, tf.stack([batch, tf.reduce_prod(shape[1:-1]), 1, channels])
     )
-
-
-def _biased(variance, count):
-    """The kernel returns the unbiased variance; Keras keeps the biased."""
-    import tensorflow as tf
-
-    return variance * ((count - 1.0) / tf.maximum(count, 1.0))
 
 
 def _corrected_fused_batch_norm(layer, x, count):
@@ -277,7 +270,7 @@ def _corrected_fused_batch_norm(layer, x, count):
         mean=tf.zeros(0), variance=tf.zeros(0), epsilon=epsilon,
         is_training=True,
     )
-    variance = _biased(variance, count)
+    variance = _statistics.biased_variance(variance, count)
     scale, offset = layer._normalized_affine(
         mean, variance, lambda w: tf.cast(w, mean.dtype)
     )

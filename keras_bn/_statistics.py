@@ -14,6 +14,7 @@ Conventions:
   never written into a moving average.
 """
 
+import numpy as np
 from keras import backend
 from keras import ops
 
@@ -256,3 +257,53 @@ def combine_steps(mean, variance, count, num_slots):
         ops.matmul(weights, variance) / safe,
         valid,
     )
+
+
+def affine(mean, variance, epsilon, gamma=None, beta=None):
+    """`(scale, offset)` such that batch normalization is `x * scale + offset`.
+
+        scale = gamma / sqrt(variance + epsilon)
+        offset = beta - mean * scale
+
+    `gamma` and `beta` may be `None` (1 and 0); every argument broadcasts
+    against the others. NumPy arguments give NumPy results in their own
+    precision (the folding tool works in float64).
+    """
+    scale = 1.0 / _math(variance).sqrt(variance + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    offset = -mean * scale
+    if beta is not None:
+        offset = offset + beta
+    return scale, offset
+
+
+def cumulative_decay(updates):
+    """`n / (n + 1)`: the decay that keeps an equal-weight running average.
+
+    Updating with it after `n` earlier updates (a float tensor) makes the
+    moving value the plain mean of every value seen, the first included.
+    """
+    return updates / (updates + 1.0)
+
+
+def biased_variance(unbiased, count):
+    """The biased variance from the unbiased one over `count` elements."""
+    return unbiased * ((count - 1.0) / ops.maximum(count, 1.0))
+
+
+def stddev(variance, epsilon):
+    """`sqrt(variance + epsilon)`, the standard deviation batch
+    renormalization keeps."""
+    return _math(variance).sqrt(variance + epsilon)
+
+
+def variance_from_stddev(stddev, epsilon):
+    """Inverse of `stddev`, clamped at zero: `max(stddev**2 - epsilon, 0)`."""
+    xp = _math(stddev)
+    return xp.maximum(xp.square(stddev) - epsilon, 0.0)
+
+
+def _math(x):
+    """NumPy for NumPy arrays (kept in their precision), else `keras.ops`."""
+    return np if isinstance(x, (np.ndarray, np.generic)) else ops

@@ -467,8 +467,7 @@ class BatchNormalization(layers.Layer):
         scale, offset = self._normalized_affine(
             mean, variance, lambda w: self._broadcast(w, mean.dtype)
         )
-        scale = scale * ops.rsqrt(variance + self.epsilon)
-        return scale, offset - mean * scale
+        return _statistics.affine(mean, variance, self.epsilon, scale, offset)
 
     def _normalized_affine(self, mean, variance, shaped):
         """Scale and offset applied to the batch-normalized input.
@@ -500,13 +499,11 @@ class BatchNormalization(layers.Layer):
 
         `mean` and `variance` broadcast against the input.
         """
-        scale = ops.rsqrt(variance + self.epsilon)
-        if self.gamma is not None:
-            scale = scale * self._broadcast(self.gamma, mean.dtype)
-        offset = -mean * scale
-        if self.beta is not None:
-            offset = offset + self._broadcast(self.beta, mean.dtype)
-        return scale, offset
+        gamma, beta = (
+            None if w is None else self._broadcast(w, mean.dtype)
+            for w in (self.gamma, self.beta)
+        )
+        return _statistics.affine(mean, variance, self.epsilon, gamma, beta)
 
     def _update_moving_statistics(self, mean, variance, count):
         """Moves the moving statistics towards the batch's.
@@ -532,7 +529,7 @@ class BatchNormalization(layers.Layer):
                 ops.any(ops.greater(count, 0)), self.num_batches_tracked.dtype
             )
         )
-        return seen / (seen + 1.0)
+        return _statistics.cumulative_decay(seen)
 
     def _broadcast(self, weight, dtype):
         """`weight` shaped to broadcast against the merged view."""

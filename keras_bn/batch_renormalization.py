@@ -199,6 +199,8 @@ class BatchRenormalization(BatchNormalization):
         variance_initializer = self.moving_variance_initializer
 
         def stddev_initializer(shape, dtype=None):
+            # `moving_stddev ** 2` equals the initial variance, as in core
+            # Keras (no epsilon).
             return ops.sqrt(variance_initializer(shape, dtype=dtype))
 
         self.moving_stddev = self._add_statistic(
@@ -287,7 +289,7 @@ class BatchRenormalization(BatchNormalization):
 
     def _normalized_affine(self, mean, variance, shaped):
         """`(r * gamma, d * gamma + beta)`, the weights read by `shaped`."""
-        stddev = ops.sqrt(variance + self.epsilon)
+        stddev = _statistics.stddev(variance, self.epsilon)
         scale, offset = self._corrections(
             mean, stddev, shaped(self.renorm_mean), shaped(self.renorm_stddev)
         )
@@ -318,7 +320,7 @@ class BatchRenormalization(BatchNormalization):
         return ops.stop_gradient(r), ops.stop_gradient(d)
 
     def _update_moving_statistics(self, mean, variance, count):
-        stddev = ops.sqrt(variance + self.epsilon)
+        stddev = _statistics.stddev(variance, self.epsilon)
         renorm_decay = self.renorm_momentum
         _statistics.assign_moving_average(
             self.renorm_mean, mean, renorm_decay, count
@@ -337,7 +339,7 @@ class BatchRenormalization(BatchNormalization):
         moving_stddev = ops.cast(self.moving_stddev, stddev.dtype)
         _statistics.assign_moving_average(
             self.moving_variance,
-            ops.relu(ops.square(moving_stddev) - self.epsilon),
+            _statistics.variance_from_stddev(moving_stddev, self.epsilon),
             0.0,
             count,
         )

@@ -365,13 +365,13 @@ class _BNRecurrentCell(layers.Layer):
 
     def _scale_offset(self, mean, variance, gamma, beta):
         """`BN(v) = v * scale + offset` for the given statistics."""
-        scale = ops.rsqrt(variance + self.epsilon) * ops.cast(
-            gamma, mean.dtype
+        return _statistics.affine(
+            mean,
+            variance,
+            self.epsilon,
+            ops.cast(gamma, mean.dtype),
+            None if beta is None else ops.cast(beta, mean.dtype),
         )
-        offset = -mean * scale
-        if beta is not None:
-            offset = offset + ops.cast(beta, mean.dtype)
-        return scale, offset
 
     def _input_term(self, x, mask, training, steps):
         """`BN(W_x x_t; gamma_x) + b` of every step, and its statistics.

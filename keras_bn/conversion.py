@@ -1,8 +1,8 @@
 """Converting a model's core batch normalization to keras_bn layers."""
 
 import keras
-import numpy as np
 
+from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.batch_renormalization import BatchRenormalization
 
@@ -13,9 +13,13 @@ _RENORM_KEYS = ("renorm", "renorm_clipping", "renorm_momentum")
 # `moving_variance = moving_stddev ** 2 - epsilon`, and renormalization
 # statistics that start where the moving ones are.
 _DERIVED = {
-    "moving_stddev": lambda w, eps: np.sqrt(w["moving_variance"] + eps),
+    "moving_stddev": lambda w, eps: _statistics.stddev(
+        w["moving_variance"], eps
+    ),
     "renorm_mean": lambda w, eps: w["moving_mean"],
-    "renorm_stddev": lambda w, eps: np.sqrt(w["moving_variance"] + eps),
+    "renorm_stddev": lambda w, eps: _statistics.stddev(
+        w["moving_variance"], eps
+    ),
 }
 
 

@@ -4,6 +4,7 @@ import keras
 import numpy as np
 from keras.src.models.functional import Functional
 
+from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
 
 # The layers a following batch normalization can be folded into: each
@@ -211,7 +212,13 @@ def _folded_weights(producer, bn):
     """`[kernel, bias]` of `producer` with `bn`'s inference map folded in."""
     weights = {w.name: np.asarray(w, "float64") for w in bn.weights}
     variance = weights["moving_variance"]
-    scale = weights.get("gamma", 1.0) / np.sqrt(variance + bn.epsilon)
+    scale, offset = _statistics.affine(
+        weights["moving_mean"],
+        variance,
+        bn.epsilon,
+        weights.get("gamma"),
+        weights.get("beta"),
+    )
     scale = np.broadcast_to(scale, variance.shape)
     kernel = np.asarray(producer.kernel, "float64")
     if isinstance(producer, keras.layers.DepthwiseConv2D):
@@ -223,7 +230,7 @@ def _folded_weights(producer, bn):
         if producer.use_bias
         else np.zeros(variance.shape)
     )
-    bias = (bias - weights["moving_mean"]) * scale + weights.get("beta", 0.0)
+    bias = bias * scale + offset
     return [
         (kernel * kernel_scale).astype(producer.kernel.dtype),
         bias.astype(producer.kernel.dtype),

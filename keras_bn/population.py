@@ -5,6 +5,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import _statistics
 from keras_bn import _validation
 from keras_bn.batch_normalization import BatchNormalization
 
@@ -164,7 +165,7 @@ def recompute_statistics(
                 break
             # Before batch k (from 0), keep k / (k + 1) of the running
             # average: an equal-weight mean of every batch seen so far.
-            momentum.assign(count / (count + 1.0))
+            momentum.assign(_statistics.cumulative_decay(count))
             for average in averages:
                 average.start_batch()
             forward(x)

@@ -1045,5 +1045,5 @@ class FusedPathTest(test_case.LayerTestCase):
             layer.build((4, 3, 2))
 
     def test_fused_must_be_boolean_or_none(self):
-        with self.assertRaisesRegex(ValueError, "fused=yes"):
+        with self.assertRaisesRegex(ValueError, r"fused='yes' \(a str\)"):
             keras_bn.BatchNormalization(fused="yes")
