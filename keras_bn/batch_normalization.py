@@ -11,6 +11,7 @@ from keras import ops
 from keras import regularizers
 from keras import saving
 
+from keras_bn import _dispatch
 from keras_bn import _kernels
 from keras_bn import _statistics
 from keras_bn import _validation
@@ -108,27 +109,29 @@ class BatchNormalization(layers.Layer):
         virtual_batch_size: Positive integer, the size of the ghost batches
             that training statistics are computed over, or `None` to use the
             whole batch. Defaults to `None`.
-        fused: Whether to run through a fused kernel, which is faster on
-            the TensorFlow backend: TensorFlow's fused batch-normalization
-            kernel (cuDNN on a GPU, oneDNN or Eigen on a CPU), or, for
-            float32 and float64 training on a CPU where TensorFlow's kernel
-            is Eigen's (oneDNN off, TensorFlow's default on CPUs without
-            AVX-512 VNNI), a small XLA-compiled kernel that is called from
-            the ordinary graph and costs about half as much (each input
-            shape compiles once, in about 0.3 s; the environment variable
-            `KERAS_BN_XLA_KERNEL=0` turns it off, `=1` uses it wherever it
-            can serve). `None` uses a kernel wherever it gives the same
-            results: in training, not while cross-replica synchronization
-            is in progress; the XLA kernel serves any axes, masks and ghost
-            batches, outside XLA-compiled functions; TensorFlow's kernel
-            needs the last axis alone, no mask, no ghost batches and
-            `epsilon >= 1.001e-5`, and serves under XLA (`jit_compile`) too;
-            in inference TensorFlow's kernel serves half-precision inputs
-            only (float32 inference is two element-wise ops either way).
-            `True` raises a `ValueError` at build time if the layer's
-            configuration rules TensorFlow's kernel out; `False` never uses
-            a kernel. The results are the same either way, up to float
-            rounding. Defaults to `None`.
+        fused: Whether TensorFlow's fused batch-normalization kernel runs
+            (cuDNN on a GPU, oneDNN or Eigen on a CPU), as Keras's
+            `LSTM(use_cudnn=...)`: `None` lets keras_bn choose the fastest
+            path for each call; `True` runs TensorFlow's kernel, or raises a
+            `ValueError` that says why it cannot (at build time for the
+            backend, axes, ghost batches or `epsilon < 1.001e-5`; at call
+            time for a mask or float64 in training, or synchronization in
+            progress); `False` runs no kernel, only the `keras.ops` code.
+            The results are the same on every path, up to float rounding;
+            `layer.normalization_path(x, training=True)` tells which path a
+            call takes and why (docs/performance.md lists the rules).
+            Defaults to `None`.
+        xla_kernel: Whether keras_bn's XLA-compiled kernel runs in
+            training on the TensorFlow backend (it serves any axes, masks,
+            ghost batches and float64; each input shape compiles once):
+            `None` lets keras_bn choose (on a CPU, for tensors of at least
+            2**20 elements, where TensorFlow's kernel cannot serve or is
+            Eigen's); `True` runs it in every training call, or raises a
+            `ValueError` (other backends, synchronization in progress);
+            `False` never. With `None`, the environment variable
+            `KERAS_BN_XLA_KERNEL=1` or `=0` sets a process-wide `True` or
+            `False`. Cannot be `True` together with a `fused` that is not
+            `None`. Defaults to `None`.
         renorm, renorm_clipping, renorm_momentum: As in
             `keras.layers.BatchNormalization`: `renorm=True` constructs a
             `keras_bn.BatchRenormalization` with these arguments (see there).
@@ -165,13 +168,25 @@ class BatchNormalization(layers.Layer):
       batches).
     """
 
+    # Batch renormalization's class registers itself here (see
+    # `__init_subclass__`), so this module does not import it.
+    _renormalizing_class = None
+    # Whether `_normalized_affine` needs the batch's statistics.
+    _affine_uses_statistics = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if (
+            cls.__dict__.get("_affine_uses_statistics")
+            and BatchNormalization._renormalizing_class is None
+        ):
+            BatchNormalization._renormalizing_class = cls
+
     def __new__(cls, *args, **kwargs):
         # `BatchNormalization(renorm=True, ...)` builds the renormalizing
         # subclass, so core Keras code and configs move over unchanged.
         if cls is BatchNormalization and _asks_for_renorm(args, kwargs):
-            from keras_bn.batch_renormalization import BatchRenormalization
-
-            cls = BatchRenormalization
+            cls = BatchNormalization._renormalizing_class
         return super().__new__(cls, *args, **kwargs)
 
     def __init__(
@@ -195,6 +210,7 @@ class BatchNormalization(layers.Layer):
         synchronized=False,
         virtual_batch_size=None,
         fused=None,
+        xla_kernel=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -233,6 +249,16 @@ class BatchNormalization(layers.Layer):
             "virtual_batch_size", virtual_batch_size, 1, allow_none=True
         )
         self.fused = _validation.boolean("fused", fused, allow_none=True)
+        self.xla_kernel = _validation.boolean(
+            "xla_kernel", xla_kernel, allow_none=True
+        )
+        if self.xla_kernel and self.fused is not None:
+            raise ValueError(
+                "Argument `xla_kernel=True` asks for the XLA kernel, which "
+                "`fused` rules out: `fused=True` asks for TensorFlow's kernel "
+                "and `fused=False` for no kernel. Received: "
+                f"fused={fused!r}, xla_kernel={xla_kernel!r}"
+            )
         self.supports_masking = True
 
         self.gamma = None
@@ -305,7 +331,7 @@ class BatchNormalization(layers.Layer):
         self.input_spec = layers.InputSpec(
             ndim=len(input_shape), axes={a: input_shape[a] for a in axes}
         )
-        self._fused = self._resolve_fused(len(input_shape))
+        self._check_requested_kernels(len(input_shape))
 
     def compute_output_shape(self, input_shape):
         return input_shape
@@ -313,11 +339,11 @@ class BatchNormalization(layers.Layer):
     def call(self, inputs, training=None, mask=None):
         mask = self._standardize_mask(mask, inputs)
         training = bool(training and self.trainable)
-        kernel = self._kernel(inputs, mask, training)
+        path = _dispatch.choose(self._call_facts(inputs, mask, training))
         if training:
-            outputs = self._train_step(inputs, mask, kernel)
-        elif kernel:
-            outputs = _kernels.fused_inference(self, inputs)
+            outputs = self._train_step(inputs, mask, path.name)
+        elif path.name == _dispatch.FUSED:
+            outputs = self._fused_inference(inputs)
         else:
             x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
             scale, offset = self._affine(
@@ -328,6 +354,41 @@ class BatchNormalization(layers.Layer):
                 self._to_view(x) * scale + offset, ops.shape(x)
             )
         return ops.cast(outputs, self.compute_dtype)
+
+    def normalization_path(self, inputs, training=False, mask=None):
+        """The path a call with `inputs` takes, and why.
+
+        keras_bn normalizes through its `keras.ops` code (`"ops"`),
+        TensorFlow's fused kernel (`"fused"`) or an XLA-compiled kernel
+        (`"xla"`), with the same results up to float rounding; one
+        function chooses, from the backend, the device, oneDNN, the
+        input's dtype and size, the mask, ghost batches, the axes, whether
+        synchronization is in progress, training, XLA compilation and the
+        layer's `fused` and `xla_kernel` arguments. This asks it, outside
+        any `tf.function`: a call traced for XLA (`jit_compile=True`) may
+        take another path.
+
+        Args:
+            inputs: A tensor or array shaped like the layer's inputs.
+            training: Whether the call would be in training mode.
+            mask: Optional mask, as `call` takes it.
+
+        Returns:
+            A `Path` with `.name` (`"ops"`, `"fused"` or `"xla"`) and
+            `.reason`, a sentence.
+
+        Raises:
+            ValueError: If `fused=True` or `xla_kernel=True` cannot serve
+                such a call.
+        """
+        inputs = ops.convert_to_tensor(inputs)
+        if not self.built:
+            self.build(inputs.shape)
+        mask = self._standardize_mask(
+            None if mask is None else ops.convert_to_tensor(mask), inputs
+        )
+        training = bool(training and self.trainable)
+        return _dispatch.choose(self._call_facts(inputs, mask, training))
 
     def get_config(self):
         config = {
@@ -351,60 +412,64 @@ class BatchNormalization(layers.Layer):
             "synchronized": self.synchronized,
             "virtual_batch_size": self.virtual_batch_size,
             "fused": self.fused,
+            "xla_kernel": self.xla_kernel,
         }
         return {**super().get_config(), **config}
 
-    def _resolve_fused(self, rank):
-        """Whether TensorFlow's fused kernel can serve this layer.
-
-        The kernel normalizes the last axis with the statistics of the
-        batch (training) or given ones (inference); it cannot split ghost
-        batches, and TensorFlow raises epsilons below 1.001e-5.
-        """
-        reasons = []
-        if backend.backend() != "tensorflow":
-            reasons.append(f"the backend is {backend.backend()}")
-        if self._axes != [rank - 1]:
-            reasons.append(f"axis={self.axis} is not the last axis only")
-        if self.virtual_batch_size is not None:
-            reasons.append("virtual_batch_size is set")
-        if self.epsilon < 1.001e-5:
-            reasons.append("epsilon is below 1.001e-5")
-        if reasons and self.fused:
-            raise ValueError(
-                "Argument `fused=True` needs TensorFlow's fused kernel, which "
-                f"cannot serve this layer: {'; '.join(reasons)}. Received: "
-                f"fused={self.fused}, axis={self.axis}, "
-                f"virtual_batch_size={self.virtual_batch_size}, "
-                f"epsilon={self.epsilon}"
+    def _check_requested_kernels(self, rank):
+        """Raises at build time if a kernel asked for can never serve."""
+        backend_name = backend.backend()
+        if self.fused:
+            problems = _dispatch.config_problems(
+                backend_name,
+                self._axes == [rank - 1],
+                self.virtual_batch_size is not None,
+                self.epsilon,
             )
-        return self.fused is not False and not reasons
+            if problems:
+                raise ValueError(
+                    "Argument `fused=True` asks for TensorFlow's fused "
+                    "kernel, which cannot serve this layer: "
+                    f"{'; '.join(problems)}. Use `fused=None` to let "
+                    "keras_bn choose. Received: fused=True, "
+                    f"axis={self.axis!r}, "
+                    f"virtual_batch_size={self.virtual_batch_size!r}, "
+                    f"epsilon={self.epsilon!r}"
+                )
+        if self.xla_kernel and backend_name != "tensorflow":
+            raise ValueError(
+                "Argument `xla_kernel=True` asks for the XLA kernel, which "
+                f"runs on the TensorFlow backend only; the backend is "
+                f"{backend_name}. Received: xla_kernel=True"
+            )
 
-    def _kernel(self, inputs, mask, training):
-        """The kernel this call runs through (see `_kernels`).
-
-        `"xla"`, `"fused"` (TensorFlow's fused kernel), or `None` for the
-        `keras.ops` path.
-        """
-        if self.fused is False or backend.backend() != "tensorflow":
-            return None
-        dtype = backend.standardize_dtype(inputs.dtype)
-        if not training:
-            # In float32, inference is two element-wise ops either way,
-            # and they measured as fast as the kernel; half-precision
-            # inputs gain from the kernel reading them without a cast.
-            half = dtype in ("float16", "bfloat16")
-            return "fused" if self._fused and half else None
-        if self.synchronized and _statistics.replica_context():
-            return None
-        fusable = (
-            self._fused and mask is None and dtype in _FUSED_DTYPES
+    def _call_facts(self, inputs, mask, training):
+        """What `_dispatch.choose` needs to know about this call."""
+        backend_name = backend.backend()
+        on_tensorflow = backend_name == "tensorflow"
+        shape = tuple(inputs.shape)
+        return _dispatch.Call(
+            backend=backend_name,
+            device=_dispatch.device() if on_tensorflow else None,
+            onednn=on_tensorflow and _dispatch.onednn_enabled(),
+            dtype=backend.standardize_dtype(inputs.dtype),
+            elements=(
+                None if None in shape else math.prod(shape)
+            ),
+            masked=mask is not None,
+            ghost=self.virtual_batch_size is not None,
+            last_axis_only=self._axes == [len(shape) - 1],
+            epsilon=self.epsilon,
+            synchronizing=bool(
+                training
+                and self.synchronized
+                and _statistics.replica_context() is not None
+            ),
+            training=training,
+            xla_compiling=on_tensorflow and _dispatch.xla_compiling(),
+            fused=self.fused,
+            xla_kernel=self.xla_kernel,
         )
-        if dtype in ("float32", "float64") and _kernels.use_xla_kernel(
-            fusable
-        ):
-            return "xla"
-        return "fused" if fusable else None
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -416,10 +481,10 @@ class BatchNormalization(layers.Layer):
             aggregation="mean",
         )
 
-    def _train_step(self, inputs, mask, kernel):
+    def _train_step(self, inputs, mask, path):
         """Normalizes with batch statistics and updates the moving ones."""
-        if kernel == "fused":
-            return _kernels.fused_training(self, inputs)
+        if path == _dispatch.FUSED:
+            return self._fused_training(inputs)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
         batch_size = ops.shape(x)[0]
         ghosts = self.virtual_batch_size is not None
@@ -433,9 +498,15 @@ class BatchNormalization(layers.Layer):
         mask = self._mask_to_view(mask, x, lead)
         x = self._to_view(x, lead)
         axes = [a + lead for a in self._reduction_axes]
-        if kernel == "xla":
-            outputs, mean, variance, count = _kernels.xla_normalize(
-                self, x, axes, mask
+        if path == _dispatch.XLA:
+            outputs, mean, variance, count = _kernels.xla_training(
+                x,
+                axes,
+                mask,
+                self.epsilon,
+                lambda mean, variance: self._normalized_affine(
+                    mean, variance, lambda w: self._broadcast(w, x.dtype)
+                ),
             )
         else:
             mean, variance, count = _statistics.moments(
@@ -456,6 +527,35 @@ class BatchNormalization(layers.Layer):
         if ghosts:
             outputs = _statistics.ghost_merge(outputs, batch_size)
         return outputs
+
+    def _fused_training(self, inputs):
+        """The training step through TensorFlow's fused kernel."""
+        channels = self._param_shape[0]
+        y, mean, variance, count = _kernels.fused_training(
+            _kernels.image_view(inputs, channels),
+            self.epsilon,
+            lambda mean, variance: self._normalized_affine(
+                mean, variance, lambda w: ops.cast(w, "float32")
+            ),
+            self._affine_uses_statistics,
+        )
+        self._update_moving_statistics(mean, variance, count)
+        return ops.reshape(y, ops.shape(inputs))
+
+    def _fused_inference(self, inputs):
+        """The inference call through TensorFlow's fused kernel."""
+        channels = self._param_shape[0]
+        gamma = ops.ones(channels) if self.gamma is None else self.gamma
+        beta = ops.zeros(channels) if self.beta is None else self.beta
+        y = _kernels.fused_inference(
+            _kernels.image_view(inputs, channels),
+            gamma,
+            beta,
+            self.moving_mean,
+            self.moving_variance,
+            self.epsilon,
+        )
+        return ops.reshape(y, ops.shape(inputs))
 
     def _batch_affine(self, mean, variance):
         """`(scale, offset)` of the `keras.ops` training path.
@@ -603,9 +703,6 @@ class BatchNormalization(layers.Layer):
                 f"{tuple(x.shape)}"
             )
         return mask
-
-
-_FUSED_DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _asks_for_renorm(args, kwargs):

@@ -282,8 +282,10 @@ class BatchRenormalization(BatchNormalization):
             aggregation="mean",
         )
 
-    def _train_step(self, inputs, mask, kernel):
-        outputs = super()._train_step(inputs, mask, kernel)
+    _affine_uses_statistics = True
+
+    def _train_step(self, inputs, mask, path):
+        outputs = super()._train_step(inputs, mask, path)
         self.renorm_step.assign_add(ops.cast(1, self.renorm_step.dtype))
         return outputs
 

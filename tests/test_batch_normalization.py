@@ -17,6 +17,7 @@ import pytest
 from absl.testing import parameterized
 
 import keras_bn
+from tests import paths
 from tests import test_case
 
 TF = keras.backend.backend() == "tensorflow"
@@ -167,12 +168,18 @@ def _mask_for(kind, shape, rng, step=0):
     return mask
 
 
+# The normalization paths that ran in this process's per-path grids.
+PATHS_RAN = set()
+
+
 class ReferenceTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(*REFERENCE_GRID)
-    def test_three_training_steps_and_inference(self, cfg, shape, mask_kind):
+    @parameterized.named_parameters(*paths.per_path(REFERENCE_GRID))
+    def test_three_training_steps_and_inference(
+        self, path, cfg, shape, mask_kind
+    ):
         rng = _rng(1)
-        layer = keras_bn.BatchNormalization(**cfg)
-        layer.build(shape)
+        layer = keras_bn.BatchNormalization(**cfg, **paths.KWARGS[path])
+        paths.build_or_skip(self, layer, shape)
         _randomize(layer, rng)
         gamma, beta = _named(layer, "gamma"), _named(layer, "beta")
         moving = {
@@ -180,10 +187,17 @@ class ReferenceTest(test_case.LayerTestCase):
             "variance": _named(layer, "moving_variance").astype(np.float64),
             "n": 0.0,
         }
-        for step in range(3):
-            x = rng.normal(step - 1.0, 1.0 + step, shape).astype("float32")
-            mask = _mask_for(mask_kind, shape, rng, step)
-            y = layer(x, training=True, mask=mask)
+        steps = [
+            (
+                rng.normal(step - 1.0, 1.0 + step, shape).astype("float32"),
+                _mask_for(mask_kind, shape, rng, step),
+            )
+            for step in range(3)
+        ]
+        paths.skip_unless_serves(self, layer, *steps[0])
+        for x, mask in steps:
+            with paths.expect(self, path, PATHS_RAN):
+                y = layer(x, training=True, mask=mask)
             expected = reference_train_step(x, gamma, beta, moving, cfg, mask)
             self.assertAllClose(y, expected, atol=2e-5, rtol=1e-4)
             self.assertAllClose(
@@ -220,21 +234,26 @@ CORE_GRID = (
 
 
 class CoreKerasEquivalenceTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(*CORE_GRID)
-    def test_same_outputs_and_statistics(self, cfg, shape, mask_kind):
+    @parameterized.named_parameters(*paths.per_path(CORE_GRID))
+    def test_same_outputs_and_statistics(self, path, cfg, shape, mask_kind):
         rng = _rng(2)
-        ours = keras_bn.BatchNormalization(**cfg)
+        ours = keras_bn.BatchNormalization(**cfg, **paths.KWARGS[path])
         core = keras.layers.BatchNormalization(**cfg)
-        ours.build(shape)
+        paths.build_or_skip(self, ours, shape)
         core.build(shape)
         core.set_weights(ours.get_weights())
-        for step in range(4):
-            x = rng.normal(step, 1.0 + step, shape).astype("float32")
-            mask = _mask_for(mask_kind, shape, rng)
-            self.assertAllClose(
-                ours(x, training=True, mask=mask),
-                core(x, training=True, mask=mask),
+        steps = [
+            (
+                rng.normal(step, 1.0 + step, shape).astype("float32"),
+                _mask_for(mask_kind, shape, rng),
             )
+            for step in range(4)
+        ]
+        paths.skip_unless_serves(self, ours, *steps[0])
+        for x, mask in steps:
+            with paths.expect(self, path, PATHS_RAN):
+                y = ours(x, training=True, mask=mask)
+            self.assertAllClose(y, core(x, training=True, mask=mask))
         for a, b in zip(ours.weights, core.weights):
             self.assertEqual(a.name, b.name)
             self.assertAllClose(a, b, msg=a.name)
@@ -1047,3 +1066,171 @@ class FusedPathTest(test_case.LayerTestCase):
     def test_fused_must_be_boolean_or_none(self):
         with self.assertRaisesRegex(ValueError, r"fused='yes' \(a str\)"):
             keras_bn.BatchNormalization(fused="yes")
+
+
+def _facts(**changes):
+    """A float32 training call on a CPU with oneDNN, with `changes`."""
+    from keras_bn import _dispatch
+
+    facts = dict(
+        backend="tensorflow", device="cpu", onednn=True, dtype="float32",
+        elements=2**22, masked=False, ghost=False, last_axis_only=True,
+        epsilon=1e-3, synchronizing=False, training=True,
+        xla_compiling=False, fused=None, xla_kernel=None,
+    )
+    facts.update(changes)
+    return _dispatch.Call(**facts)
+
+
+class DispatchTest(test_case.LayerTestCase):
+    """The one function that picks a path, its rules and its errors."""
+
+    @parameterized.named_parameters(
+        ("onednn", {}, "fused"),
+        ("eigen", {"onednn": False}, "xla"),
+        ("eigen_small", {"onednn": False, "elements": 1000}, "fused"),
+        ("eigen_unknown_size", {"onednn": False, "elements": None}, "xla"),
+        ("mask_cpu", {"masked": True}, "xla"),
+        ("mask_cpu_small", {"masked": True, "elements": 1000}, "ops"),
+        ("ghost_cpu", {"ghost": True}, "xla"),
+        ("axes_cpu", {"last_axis_only": False}, "xla"),
+        ("float64_cpu", {"dtype": "float64"}, "xla"),
+        ("half_cpu", {"dtype": "float16", "onednn": False}, "fused"),
+        ("half_mask_cpu", {"dtype": "bfloat16", "masked": True}, "ops"),
+        ("gpu", {"device": "gpu"}, "fused"),
+        ("gpu_mask", {"device": "gpu", "masked": True}, "ops"),
+        ("gpu_float64", {"device": "gpu", "dtype": "float64"}, "ops"),
+        ("under_xla", {"xla_compiling": True, "onednn": False}, "fused"),
+        ("under_xla_mask", {"xla_compiling": True, "masked": True}, "ops"),
+        ("synchronizing", {"synchronizing": True}, "ops"),
+        ("small_epsilon", {"epsilon": 1e-6, "onednn": False,
+                           "elements": 10}, "ops"),
+        ("jax", {"backend": "jax", "fused": None}, "ops"),
+        ("fused_false", {"fused": False, "onednn": False}, "ops"),
+        ("fused_true", {"fused": True, "onednn": False}, "fused"),
+        ("xla_true", {"xla_kernel": True}, "xla"),
+        ("xla_true_gpu", {"xla_kernel": True, "device": "gpu"}, "xla"),
+        ("xla_false", {"xla_kernel": False, "onednn": False}, "fused"),
+        ("xla_false_mask", {"xla_kernel": False, "masked": True}, "ops"),
+        ("inference", {"training": False}, "ops"),
+        ("inference_half", {"training": False, "dtype": "float16"}, "fused"),
+        ("inference_fused_true", {"training": False, "fused": True},
+         "fused"),
+        ("inference_mask_fused_true", {"training": False, "fused": True,
+                                       "masked": True}, "fused"),
+        ("inference_xla_true", {"training": False, "xla_kernel": True},
+         "ops"),
+    )
+    def test_rules(self, changes, expected):
+        from keras_bn import _dispatch
+
+        path = _dispatch.choose(_facts(**changes))
+        self.assertEqual(path.name, expected, path.reason)
+        self.assertTrue(path.reason)
+
+    @parameterized.named_parameters(
+        ("mask", {"fused": True, "masked": True}, "fused=True", "mask"),
+        ("float64", {"fused": True, "dtype": "float64"}, "fused=True",
+         "float64"),
+        ("synchronizing", {"fused": True, "synchronizing": True},
+         "fused=True", "synchronization"),
+        ("xla_synchronizing", {"xla_kernel": True, "synchronizing": True},
+         "xla_kernel=True", "synchronization"),
+    )
+    def test_refusals_say_why(self, changes, argument, reason):
+        from keras_bn import _dispatch
+
+        with self.assertRaisesRegex(ValueError, f"{argument}.*{reason}"):
+            _dispatch.choose(_facts(**changes))
+
+    @parameterized.named_parameters(("on", "1", "xla"), ("off", "0", "fused"))
+    def test_environment_variable_is_the_process_default(
+        self, setting, expected
+    ):
+        from keras_bn import _dispatch
+
+        with _xla_kernel(setting):
+            self.assertEqual(_dispatch.choose(_facts()).name, expected)
+            # A layer's own request wins.
+            self.assertEqual(
+                _dispatch.choose(_facts(fused=False)).name, "ops"
+            )
+
+    def test_normalization_path_of_a_layer(self):
+        x = np.zeros((8, 4), "float32")
+        layer = keras_bn.BatchNormalization(fused=False)
+        path = layer.normalization_path(x, training=True)
+        self.assertEqual(path.name, "ops")
+        self.assertIn("fused=False", str(path))
+        if TF:
+            layer = keras_bn.BatchNormalization(fused=True)
+            self.assertEqual(
+                layer.normalization_path(x, training=True).name, "fused"
+            )
+
+    @requires_tf
+    @parameterized.named_parameters(
+        ("fused_true", {"fused": True}, ["FusedBatchNorm"],
+         ["XlaMustCompile"]),
+        ("fused_false", {"fused": False}, [],
+         ["FusedBatchNorm", "XlaMustCompile"]),
+        ("xla_true", {"xla_kernel": True}, ["XlaMustCompile"],
+         ["FusedBatchNorm"]),
+        ("renorm_fused_true", {"fused": True, **RENORM}, ["FusedBatchNorm"],
+         ["XlaMustCompile"]),
+    )
+    def test_requested_path_is_in_the_graph(self, cfg, present, absent):
+        import tensorflow as tf
+
+        layer = keras_bn.BatchNormalization(**cfg)
+        layer.build((8, 4))
+
+        def step(x):
+            with tf.GradientTape() as tape:
+                tape.watch(x)
+                y = layer(x, training=True)
+            return tape.gradient(y, x)
+
+        graph = str(
+            tf.function(step)
+            .get_concrete_function(tf.TensorSpec((None, 4), "float32"))
+            .graph.as_graph_def()
+        )
+        for op in present:
+            self.assertIn(op, graph)
+        for op in absent:
+            self.assertNotIn(op, graph)
+
+    @requires_tf
+    def test_fused_true_with_a_mask_raises_at_call(self):
+        layer = keras_bn.BatchNormalization(fused=True)
+        x = np.ones((4, 3, 2), "float32")
+        mask = np.ones((4, 3), bool)
+        with self.assertRaisesRegex(ValueError, "fused=True.*mask"):
+            layer(x, training=True, mask=mask)
+        # In inference the mask changes nothing, and the kernel serves.
+        self.assertEqual(
+            layer.normalization_path(x, training=False, mask=mask).name,
+            "fused",
+        )
+
+    def test_xla_kernel_true_with_fused_set_is_refused(self):
+        for fused in (True, False):
+            with self.assertRaisesRegex(
+                ValueError, f"fused={fused}, xla_kernel=True"
+            ):
+                keras_bn.BatchNormalization(fused=fused, xla_kernel=True)
+
+    @pytest.mark.skipif(TF, reason="checks a backend other than TensorFlow")
+    def test_kernels_refused_on_other_backends(self):
+        for kwargs in ({"fused": True}, {"xla_kernel": True}):
+            layer = keras_bn.BatchNormalization(**kwargs)
+            with self.assertRaisesRegex(ValueError, "backend"):
+                layer.build((4, 3))
+
+
+class EveryPathRanTest(test_case.LayerTestCase):
+    """Last in the file: the per-path grids above ran every path here."""
+
+    def test_every_available_path_ran(self):
+        paths.check_every_path_ran(self, PATHS_RAN)

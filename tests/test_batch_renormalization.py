@@ -17,6 +17,7 @@ from absl.testing import parameterized
 
 import keras_bn
 from keras_bn import schedules
+from tests import paths
 from tests import test_case
 
 TF = keras.backend.backend() == "tensorflow"
@@ -276,22 +277,34 @@ REFERENCE_GRID = (
 )
 
 
+# The normalization paths that ran in this process's per-path grids.
+PATHS_RAN = set()
+
+
 class ReferenceTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(*REFERENCE_GRID)
-    def test_training_steps_and_inference(self, cfg, shape, mask_kind):
+    @parameterized.named_parameters(*paths.per_path(REFERENCE_GRID))
+    def test_training_steps_and_inference(self, path, cfg, shape, mask_kind):
         rng = _rng(1)
         clipping = cfg.get("renorm_clipping") or {}
         layer = keras_bn.BatchRenormalization(
-            **dict(cfg, renorm_clipping=_to_layer_clipping(clipping))
+            **dict(cfg, renorm_clipping=_to_layer_clipping(clipping)),
+            **paths.KWARGS[path],
         )
-        layer.build(shape)
+        paths.build_or_skip(self, layer, shape)
         _randomize(layer, rng)
         state = _state(layer)
         clipped = []
-        for step in range(5):
-            x = rng.normal(step - 1.0, 1.0 + step, shape).astype("float32")
-            mask = _mask_for(mask_kind, shape, rng, step)
-            y = layer(x, training=True, mask=mask)
+        steps = [
+            (
+                rng.normal(step - 1.0, 1.0 + step, shape).astype("float32"),
+                _mask_for(mask_kind, shape, rng, step),
+            )
+            for step in range(5)
+        ]
+        paths.skip_unless_serves(self, layer, *steps[0])
+        for step, (x, mask) in enumerate(steps):
+            with paths.expect(self, path, PATHS_RAN):
+                y = layer(x, training=True, mask=mask)
             expected, info = reference_train_step(
                 x, state, cfg, reference_limits(clipping, step), mask
             )
@@ -384,25 +397,31 @@ CORE_GRID = (
 
 
 class CoreKerasEquivalenceTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(*CORE_GRID)
-    def test_same_outputs_and_statistics(self, cfg, shape, mask_kind):
+    @parameterized.named_parameters(*paths.per_path(CORE_GRID))
+    def test_same_outputs_and_statistics(self, path, cfg, shape, mask_kind):
         rng = _rng(3)
-        ours = keras_bn.BatchRenormalization(**cfg)
+        ours = keras_bn.BatchRenormalization(**cfg, **paths.KWARGS[path])
         core = keras.layers.BatchNormalization(renorm=True, **cfg)
-        ours.build(shape)
+        paths.build_or_skip(self, ours, shape)
         core.build(shape)
         for w in core.weights:
             self.assertAllClose(_named(ours, w.name), w, msg=w.name)
         if "initializers" not in self._testMethodName:
             _randomize(core, rng)
             _copy_by_name(core, ours)
-        for step in range(5):
-            x = rng.normal(step, 1.0 + step, shape).astype("float32")
-            mask = _mask_for(mask_kind, shape, rng)
+        steps = [
+            (
+                rng.normal(step, 1.0 + step, shape).astype("float32"),
+                _mask_for(mask_kind, shape, rng),
+            )
+            for step in range(5)
+        ]
+        paths.skip_unless_serves(self, ours, *steps[0])
+        for step, (x, mask) in enumerate(steps):
+            with paths.expect(self, path, PATHS_RAN):
+                y = ours(x, training=True, mask=mask)
             self.assertAllClose(
-                ours(x, training=True, mask=mask),
-                core(x, training=True, mask=mask),
-                msg=str(step),
+                y, core(x, training=True, mask=mask), msg=str(step)
             )
         for w in core.weights:
             self.assertAllClose(_named(ours, w.name), w, msg=w.name)
@@ -934,3 +953,10 @@ class MirroredStrategyTest(test_case.LayerTestCase):
                 loaded = keras.saving.load_model(path)
             self.assertAllClose(loaded.predict(x, verbose=0), expected)
             self.assertEqual(_step(loaded.layers[1]), 4)
+
+
+class EveryPathRanTest(test_case.LayerTestCase):
+    """Last in the file: the per-path grids above ran every path here."""
+
+    def test_every_available_path_ran(self):
+        paths.check_every_path_ran(self, PATHS_RAN)

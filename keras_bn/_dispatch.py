@@ -1,0 +1,268 @@
+"""Which path a batch-normalization call runs, and why.
+
+Every batch-normalization layer of keras_bn computes the same numbers
+through one of three paths:
+
+- `"ops"`: the layer's own `keras.ops` code (the math in `_statistics`).
+  It runs on every backend and in every configuration; the others are
+  faster ways to the same result.
+- `"fused"`: TensorFlow's fused batch-normalization kernel
+  (`FusedBatchNormV3`: cuDNN on a GPU, oneDNN or Eigen on a CPU). It
+  normalizes the last axis alone, without a mask or ghost batches, for
+  float16, bfloat16 and float32 inputs and `epsilon >= 1.001e-5`. Batch
+  renormalization calls it twice in the forward pass.
+- `"xla"`: a small XLA-compiled kernel (moments, normalization and its
+  gradient) that TensorFlow calls from an ordinary graph, for training on
+  a CPU: it serves any axes, masks and ghost batches, and float64.
+
+`choose` is the only place that picks one. The layers call it with the
+facts of a call (`Call`); it returns a `Path` with the reason, or raises
+the `ValueError` that a request the call cannot honour deserves. The
+layers expose it as `layer.normalization_path(inputs, training, mask)`.
+
+What a layer asks for follows Keras 3's `LSTM(use_cudnn=...)`:
+`fused=None` lets keras_bn choose, `fused=True` means TensorFlow's kernel
+runs (or an error says why not) and `fused=False` means no kernel runs.
+`xla_kernel` does the same for the XLA kernel; when it is `None`, the
+environment variable `KERAS_BN_XLA_KERNEL` (`1` or `0`) is the process-wide
+default, read when a call is traced.
+"""
+
+import dataclasses
+import functools
+import os
+
+OPS = "ops"
+FUSED = "fused"
+XLA = "xla"
+PATHS = (OPS, FUSED, XLA)
+
+XLA_KERNEL_VARIABLE = "KERAS_BN_XLA_KERNEL"
+# TensorFlow's kernel rejects smaller epsilons.
+FUSED_MIN_EPSILON = 1.001e-5
+FUSED_DTYPES = ("float16", "bfloat16", "float32")
+HALF_DTYPES = ("float16", "bfloat16")
+# Below this many elements a step gains less from the XLA kernel than the
+# kernel's compilation costs (about 0.1 s per shape) over thousands of
+# steps, so `fused=None` leaves such calls to the other paths.
+XLA_MIN_ELEMENTS = 2**20
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """The facts about one call that decide its path.
+
+    Attributes:
+        backend: Keras backend name.
+        device: `"cpu"`, `"gpu"` or `"tpu"`, the kind of device the
+            backend computes on.
+        onednn: Whether TensorFlow's CPU kernels are oneDNN's.
+        dtype: The input's dtype name.
+        elements: Number of elements of the input, or `None` if unknown.
+        masked: Whether the call has a mask.
+        ghost: Whether the layer splits ghost batches.
+        last_axis_only: Whether the layer normalizes the last axis alone.
+        epsilon: The layer's epsilon.
+        synchronizing: Whether cross-replica synchronization is in
+            progress (a synchronized layer inside a `tf.distribute` replica
+            context with more than one replica).
+        training: Whether the call normalizes with batch statistics.
+        xla_compiling: Whether the call is traced for XLA (`jit_compile`).
+        fused: What the layer asked for: `None`, `True` or `False`.
+        xla_kernel: What the layer asked for: `None`, `True` or `False`.
+    """
+
+    backend: str
+    device: str
+    onednn: bool
+    dtype: str
+    elements: int | None
+    masked: bool
+    ghost: bool
+    last_axis_only: bool
+    epsilon: float
+    synchronizing: bool
+    training: bool
+    xla_compiling: bool
+    fused: bool | None = None
+    xla_kernel: bool | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Path:
+    """The path a call takes (`"ops"`, `"fused"` or `"xla"`) and why."""
+
+    name: str
+    reason: str
+
+    def __str__(self):
+        return f"{self.name}: {self.reason}"
+
+
+def choose(call):
+    """The path `call` runs through.
+
+    Raises:
+        ValueError: If the layer asked for a kernel (`fused=True` or
+            `xla_kernel=True`) that cannot serve this call, naming why.
+    """
+    if call.backend != "tensorflow":
+        return Path(OPS, f"the {call.backend} backend runs keras.ops")
+    if call.fused is False:
+        return Path(OPS, "fused=False")
+    if call.fused:
+        problems = fused_problems(call)
+        if problems:
+            _refuse("fused", call, problems, "TensorFlow's fused kernel")
+        return Path(FUSED, "fused=True")
+    if not call.training:
+        # The XLA kernel is a training kernel: `xla_kernel` does not apply.
+        if call.dtype in HALF_DTYPES and not fused_problems(call):
+            return Path(
+                FUSED, "half-precision inference: TensorFlow's kernel reads "
+                "the input without a cast"
+            )
+        return Path(OPS, "inference is two element-wise ops on any path")
+    if call.synchronizing:
+        if call.xla_kernel:
+            _refuse("xla_kernel", call, _synchronizing(), "the XLA kernel")
+        return Path(OPS, _synchronizing()[0])
+    xla_kernel = call.xla_kernel
+    if xla_kernel is None:
+        xla_kernel = process_xla_kernel_default()
+    if xla_kernel:
+        return Path(XLA, "xla_kernel=True" if call.xla_kernel else (
+            f"{XLA_KERNEL_VARIABLE}=1"))
+    problems = fused_problems(call)
+    if xla_kernel is False:
+        if problems:
+            return Path(OPS, _cannot_fuse(problems))
+        return Path(FUSED, "TensorFlow's kernel serves the call")
+    if call.xla_compiling:
+        if problems:
+            return Path(OPS, "under XLA the keras.ops path compiles as well; "
+                        + _cannot_fuse(problems))
+        return Path(FUSED, "TensorFlow's kernel, compiled by XLA")
+    if call.device != "cpu":
+        if problems:
+            return Path(OPS, _cannot_fuse(problems))
+        return Path(FUSED, f"TensorFlow's kernel on the {call.device}")
+    small = call.elements is not None and call.elements < XLA_MIN_ELEMENTS
+    if call.dtype in ("float32", "float64") and not small:
+        if problems:
+            return Path(XLA, "on a CPU the XLA kernel serves what "
+                        + _cannot_fuse(problems)[0].lower()
+                        + _cannot_fuse(problems)[1:])
+        if not call.onednn:
+            return Path(XLA, "oneDNN is off: the XLA kernel is faster than "
+                        "Eigen's fused kernel on a CPU")
+        return Path(FUSED, "oneDNN's fused kernel")
+    if problems:
+        return Path(OPS, _cannot_fuse(problems) + (
+            f"; under {XLA_MIN_ELEMENTS} elements the XLA kernel's "
+            "compilation costs more than it saves" if small else ""))
+    return Path(FUSED, "TensorFlow's kernel serves the call")
+
+
+def fused_problems(call):
+    """Why TensorFlow's fused kernel cannot serve `call` (empty: it can)."""
+    problems = config_problems(
+        call.backend, call.last_axis_only, call.ghost, call.epsilon
+    )
+    if call.dtype not in FUSED_DTYPES:
+        problems.append(f"the input's dtype is {call.dtype}")
+    if call.training and call.masked:
+        problems.append("the call has a mask")
+    if call.training and call.synchronizing:
+        problems.extend(_synchronizing())
+    return problems
+
+
+def config_problems(backend, last_axis_only, ghost, epsilon):
+    """Why TensorFlow's kernel cannot serve any call of a configuration."""
+    problems = []
+    if backend != "tensorflow":
+        problems.append(f"the backend is {backend}")
+    if not last_axis_only:
+        problems.append("the normalized axes are not the last axis alone")
+    if ghost:
+        problems.append("virtual_batch_size splits ghost batches")
+    if epsilon < FUSED_MIN_EPSILON:
+        problems.append(f"epsilon={epsilon!r} is below {FUSED_MIN_EPSILON}")
+    return problems
+
+
+def process_xla_kernel_default():
+    """`KERAS_BN_XLA_KERNEL`: `True` (`1`), `False` (`0`) or `None`."""
+    setting = os.environ.get(XLA_KERNEL_VARIABLE, "").strip()
+    if setting in ("0", "1"):
+        return setting == "1"
+    return None
+
+
+def _synchronizing():
+    return ["cross-replica synchronization is in progress, and the kernels "
+            "compute each replica's statistics alone"]
+
+
+def _cannot_fuse(problems):
+    return "TensorFlow's kernel cannot serve: " + "; ".join(problems)
+
+
+def _refuse(argument, call, problems, kernel):
+    value = getattr(call, argument)
+    raise ValueError(
+        f"Argument `{argument}={value!r}` asks for {kernel}, which cannot "
+        f"serve this call: {'; '.join(problems)}. Use `{argument}=None` to "
+        f"let keras_bn choose. Received: {argument}={value!r}"
+    )
+
+
+def device():
+    """The kind of device TensorFlow computes on: cpu, gpu or tpu."""
+    return _tensorflow_device()
+
+
+@functools.cache
+def _tensorflow_device():
+    import tensorflow as tf
+
+    for kind in ("TPU", "GPU"):
+        if tf.config.list_logical_devices(kind):
+            return kind.lower()
+    return "cpu"
+
+
+@functools.cache
+def onednn_enabled():
+    """Whether TensorFlow's CPU kernels are oneDNN's.
+
+    TensorFlow turns oneDNN on by default on x86 CPUs with AVX-512 VNNI or
+    newer instructions; `TF_ENABLE_ONEDNN_OPTS` (read when TensorFlow is
+    imported) overrides that.
+    """
+    from tensorflow.python.util import _pywrap_util_port
+
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def xla_compiling():
+    """Whether TensorFlow is tracing a function for XLA (`jit_compile`)."""
+    import tensorflow as tf
+
+    return tf.__internal__.get_enclosing_xla_context() is not None
+
+
+def available_paths(dtype="float32"):
+    """The paths a training call of `dtype` can take here, forced or not.
+
+    On TensorFlow all three (`"xla"` and `"fused"` when asked for); on
+    other backends `"ops"` alone.
+    """
+    from keras import backend
+
+    if backend.backend() != "tensorflow":
+        return (OPS,)
+    if dtype not in FUSED_DTYPES:
+        return (OPS, XLA)
+    return PATHS

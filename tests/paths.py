@@ -1,0 +1,83 @@
+"""Running a reference test once per normalization path.
+
+keras_bn computes batch normalization through its `keras.ops` code
+(`"ops"`), TensorFlow's fused kernel (`"fused"`) or its XLA-compiled kernel
+(`"xla"`); which one a call takes depends on the machine. The reference
+grids therefore run each case once per path, forced through the layers'
+public arguments, and check that the forced path is the one that ran, so
+every path is compared with the reference on every machine where it can
+run, not only with another path.
+"""
+
+import contextlib
+from unittest import mock
+
+from keras_bn import _dispatch
+
+# The layer arguments that force each path.
+KWARGS = {
+    _dispatch.OPS: {"fused": False},
+    _dispatch.FUSED: {"fused": True},
+    _dispatch.XLA: {"xla_kernel": True},
+}
+
+
+def per_path(grid):
+    """`(name, *params)` cases as `(f"{name}_{path}", path, *params)`."""
+    return tuple(
+        (f"{name}_{path}", path, *params)
+        for name, *params in grid
+        for path in _dispatch.PATHS
+    )
+
+
+def build_or_skip(testcase, layer, shape):
+    """Builds `layer`, skipping the test if its configuration rules out
+    the path its arguments ask for (the layer's own error says why)."""
+    try:
+        layer.build(shape)
+    except ValueError as error:
+        testcase.skipTest(f"the path cannot serve this layer: {error}")
+
+
+def skip_unless_serves(testcase, layer, x, mask=None):
+    """Skips the test if a training call of `layer` on `x` (with `mask`)
+    cannot take the path its arguments ask for."""
+    try:
+        layer.normalization_path(x, training=True, mask=mask)
+    except ValueError as error:
+        testcase.skipTest(f"the path cannot serve this call: {error}")
+
+
+@contextlib.contextmanager
+def expect(testcase, path, ran):
+    """Checks that every training call in the block took `path`.
+
+    Adds `path` to the set `ran` when at least one did.
+    """
+    chosen = []
+    choose = _dispatch.choose
+
+    def recording_choose(call):
+        result = choose(call)
+        if call.training:
+            chosen.append(result.name)
+        return result
+
+    with mock.patch.object(_dispatch, "choose", recording_choose):
+        yield
+    testcase.assertTrue(chosen, "no training call was made")
+    testcase.assertEqual(set(chosen), {path}, f"paths taken: {chosen}")
+    ran.add(path)
+
+
+def check_every_path_ran(testcase, ran):
+    """Fails when a path that can run here ran in none of the grid tests."""
+    if not ran:
+        testcase.skipTest("no per-path grid test ran in this process")
+    missing = set(_dispatch.available_paths()) - ran
+    testcase.assertFalse(
+        missing,
+        f"paths available on this machine that no reference test ran: "
+        f"{sorted(missing)}",
+    )
