@@ -106,10 +106,10 @@ def choose(call):
         ValueError: If the layer asked for a kernel (`fused=True` or
             `xla_kernel=True`) that cannot serve this call, naming why.
     """
-    if call.backend != "tensorflow":
-        return Path(OPS, f"the {call.backend} backend runs keras.ops")
     if call.fused is False:
         return Path(OPS, "fused=False")
+    if call.backend != "tensorflow":
+        return Path(OPS, f"the {call.backend} backend runs keras.ops")
     if call.fused:
         problems = fused_problems(call)
         if problems:

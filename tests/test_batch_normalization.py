@@ -1168,7 +1168,12 @@ class DispatchTest(test_case.LayerTestCase):
                 layer.normalization_path(x, training=True).name, "fused"
             )
 
-    @requires_tf
+
+
+@requires_tf
+class GraphOpsTest(test_case.LayerTestCase):
+    """What a requested path puts in the traced graph."""
+
     @parameterized.named_parameters(
         ("fused_true", {"fused": True}, ["FusedBatchNorm"],
          ["XlaMustCompile"]),
@@ -1201,7 +1206,6 @@ class DispatchTest(test_case.LayerTestCase):
         for op in absent:
             self.assertNotIn(op, graph)
 
-    @requires_tf
     def test_fused_true_with_a_mask_raises_at_call(self):
         layer = keras_bn.BatchNormalization(fused=True)
         x = np.ones((4, 3, 2), "float32")
@@ -1214,6 +1218,9 @@ class DispatchTest(test_case.LayerTestCase):
             "fused",
         )
 
+
+
+class KernelRequestTest(test_case.LayerTestCase):
     def test_xla_kernel_true_with_fused_set_is_refused(self):
         for fused in (True, False):
             with self.assertRaisesRegex(
