@@ -1,4 +1,4 @@
-"""The command line shared by `profile.py` and `jax_step.py`."""
+"""The command-line pieces shared by the benchmark scripts."""
 
 import argparse
 
@@ -31,3 +31,16 @@ def parse_shape_and_repeats(doc, argv):
     if args.repeats < 1:
         parser.error(f"--repeats must be at least 1. Received: {args.repeats}")
     return args
+
+
+def positive_int(text):
+    """An argparse type: a positive integer, or a one-line error."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a positive integer. Received: {text!r}"
+        )
+    return value
