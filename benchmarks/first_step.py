@@ -50,7 +50,8 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--image-size", type=_cli.positive_int, default=32,
-        help="height and width of the input images (default: %(default)s)",
+        help="height and width of the input images, at least 16 for the "
+        "four poolings (default: %(default)s)",
     )
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("out", "first_step"),
@@ -58,7 +59,13 @@ def parse_args(argv):
     )
     parser.add_argument("--worker", choices=("core", "keras_bn"),
                         help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.image_size < 16:
+        parser.error(
+            "argument --image-size: must be at least 16 (four poolings "
+            f"halve it). Received: {args.image_size}"
+        )
+    return args
 
 
 def build_model(implementation, image_size):
@@ -122,13 +129,18 @@ def main(argv=None):
         order = ("core", "keras_bn") if i % 2 == 0 else ("keras_bn", "core")
         for implementation in order:
             print(f"[{i + 1}/{args.repeats}] {implementation}", file=sys.stderr)
-            out = subprocess.run(
+            done = subprocess.run(
                 [sys.executable, __file__, "--worker", implementation,
                  "--batch-size", str(args.batch_size),
                  "--image-size", str(args.image_size)],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            results[implementation].append(json.loads(out.splitlines()[-1]))
+                capture_output=True, text=True,
+            )
+            if done.returncode:
+                sys.exit(f"The {implementation} worker failed:\n"
+                         f"{done.stderr[-3000:]}")
+            results[implementation].append(
+                json.loads(done.stdout.splitlines()[-1])
+            )
     medians = {
         name: {
             key: statistics.median(r[key] for r in runs)
