@@ -11,6 +11,7 @@ from absl.testing import parameterized
 
 import keras_bn
 from tests import test_case
+from tests import test_folding
 
 
 def all_layers(model):
@@ -87,12 +88,54 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
             converted.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5
         )
 
-    def test_default_layer_class(self):
-        converted = keras_bn.convert_batch_normalization(user_model())
-        self.assertIs(
-            type(converted.get_layer("head_bn")),
-            keras_bn.BatchRenormalization,
+    @pytest.mark.slow
+    @parameterized.named_parameters(
+        (name, name) for name in test_folding.APPLICATIONS
+    )
+    def test_applications(self, name):
+        model, x = test_folding.application(name)
+        num_bn = count(model, keras.layers.BatchNormalization)
+        converted = keras_bn.convert_batch_normalization(
+            model, keras_bn.BatchRenormalization
         )
+        self.assertEqual(count(converted, keras.layers.BatchNormalization), 0)
+        self.assertEqual(
+            count(converted, keras_bn.BatchRenormalization), num_bn
+        )
+        expected = np.asarray(model(x, training=False))
+        # Float32 rounding differences grow through 50 layers.
+        self.assertAllClose(
+            converted(x, training=False),
+            expected,
+            rtol=1e-4,
+            atol=1e-4 * np.abs(expected).max(),
+        )
+
+    def test_default_layer_class_trains_as_core_keras(self):
+        model = user_model()
+        converted = keras_bn.convert_batch_normalization(model)
+        self.assertIs(
+            type(converted.get_layer("head_bn")), keras_bn.BatchNormalization
+        )
+        x = np.random.default_rng(1).normal(size=(8, 6, 6, 3))
+        x = x.astype("float32")
+        self.assertAllClose(
+            converted(x, training=True), model(x, training=True),
+            rtol=1e-5, atol=1e-5,
+        )
+
+    def test_operations_that_are_not_layers(self):
+        inputs = keras.Input((4,))
+        h = keras.layers.BatchNormalization(name="bn")(inputs)
+        outputs = keras.ops.tanh(h) + keras.ops.square(inputs)
+        model = keras.Model(inputs, outputs)
+        randomize_statistics(model)
+        converted = keras_bn.convert_batch_normalization(model)
+        self.assertIsInstance(
+            converted.get_layer("bn"), keras_bn.BatchNormalization
+        )
+        x = np.random.default_rng(1).normal(size=(3, 4)).astype("float32")
+        self.assertAllClose(converted(x), model(x), rtol=1e-6, atol=1e-6)
 
     def test_user_model_keeps_arguments_weights_and_flags(self):
         model = user_model()

@@ -38,6 +38,30 @@ PRODUCERS = {
 }
 
 
+# `keras.applications` models, small and without weights: MobileNetV3 and
+# ConvNeXt hold `keras.ops` operations as graph nodes (`x + y`), ConvNeXt
+# has no batch normalization at all, EfficientNet has preprocessing layers
+# with weights of their own and squeeze-and-excitation products.
+APPLICATIONS = {
+    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, (96, 96, 3)),
+    "convnext_tiny": (keras.applications.ConvNeXtTiny, (32, 32, 3)),
+    "efficientnet_b0": (keras.applications.EfficientNetB0, (32, 32, 3)),
+}
+
+
+def application(name):
+    """A `keras.applications` model with random BN statistics, and inputs."""
+    make, shape = APPLICATIONS[name]
+    model = make(
+        weights=None, input_shape=shape, classes=5, classifier_activation=None
+    )
+    # Milder than `randomize_batch_normalization`: a deep stack of maps
+    # that far from the identity overflows float32.
+    randomize_batch_normalization(model, spread=0.5)
+    x = np.random.default_rng(1).uniform(0.0, 255.0, (2,) + shape)
+    return model, x.astype("float32")
+
+
 def all_layers(model):
     for layer in model.layers:
         yield layer
@@ -45,17 +69,23 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
-def randomize_batch_normalization(model, seed=0):
-    """Gives every BN layer statistics and an affine map far from init."""
+def randomize_batch_normalization(model, seed=0, spread=2.0):
+    """Gives every BN layer statistics and an affine map far from init.
+
+    Scales and variances are uniform in `[1 / (1 + spread), 1 + spread]`,
+    means and offsets normal with standard deviation `spread`.
+    """
     rng = np.random.default_rng(seed)
     for layer in all_layers(model):
         if not isinstance(layer, tuple(BN_CLASSES.values())):
             continue
         for weight in layer.weights:
             if weight.name in ("gamma", "moving_variance", "moving_stddev"):
-                weight.assign(rng.uniform(0.3, 3.0, weight.shape))
+                weight.assign(
+                    rng.uniform(1 / (1 + spread), 1 + spread, weight.shape)
+                )
             elif weight.name in ("beta", "moving_mean"):
-                weight.assign(rng.normal(0.0, 2.0, weight.shape))
+                weight.assign(rng.normal(0.0, spread, weight.shape))
 
 
 def predict(model, x, jit_compile):
@@ -72,12 +102,17 @@ def bn_names(model):
 
 
 class FoldBatchNormalizationTest(test_case.LayerTestCase):
-    def assert_same_inference(self, model, folded_model, x, jit_compile):
+    def assert_same_inference(
+        self, model, folded_model, x, jit_compile, tolerance=1e-5
+    ):
         expected = predict(model, x, jit_compile)
         actual = predict(folded_model, x, jit_compile)
-        # 1e-5 relative to the outputs' scale.
+        # Relative to the outputs' scale.
         self.assertAllClose(
-            actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+            actual,
+            expected,
+            rtol=tolerance,
+            atol=tolerance * np.abs(expected).max(),
         )
 
     @parameterized.product(
@@ -189,6 +224,47 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
         x = x.astype("float32")
         for a, b in zip(model(x), folded_model(x)):
             self.assertAllClose(b, a, atol=0, rtol=0)
+
+    def test_operations_that_are_not_layers(self):
+        # `keras.ops` calls on symbolic tensors are graph nodes of their own.
+        inputs = keras.Input((6, 6, 3))
+        h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+        h = keras_bn.BatchNormalization(name="bn")(h)
+        h = keras.ops.relu(h) * 2.0 + keras.ops.mean(h, axis=-1, keepdims=True)
+        h = keras.layers.BatchNormalization(name="after_ops")(h)
+        outputs = keras.ops.concatenate([h, keras.ops.square(h)], axis=-1)
+        model = keras.Model(inputs, outputs)
+        self.assertTrue(
+            any(
+                not isinstance(op, keras.layers.Layer)
+                for op in model.operations
+            )
+        )
+        randomize_batch_normalization(model)
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [("conv", "bn")])
+        self.assertEqual(bn_names(folded_model), ["after_ops"])
+        x = np.random.default_rng(1).normal(size=(2, 6, 6, 3))
+        self.assert_same_inference(
+            model, folded_model, x.astype("float32"), jit_compile=False
+        )
+
+    @pytest.mark.slow
+    @parameterized.named_parameters((name, name) for name in APPLICATIONS)
+    def test_applications(self, name):
+        model, x = application(name)
+        num_bn = len(bn_names(model))
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        # Every batch normalization of these models follows a convolution.
+        self.assertLen(folded, num_bn)
+        self.assertEqual(bn_names(folded_model), [])
+        if num_bn == 0:
+            for a, b in zip(model.weights, folded_model.weights):
+                self.assertAllClose(b, a, atol=0, rtol=0)
+        # Float32 rounding differences grow through 50 layers.
+        self.assert_same_inference(
+            model, folded_model, x, jit_compile=False, tolerance=1e-4
+        )
 
     def test_shared_producer_is_left_alone(self):
         dense = keras.layers.Dense(3, name="shared_dense")
