@@ -206,10 +206,10 @@ def statistics_layers(model):
     and layers that count their updates row by row. Raises a `ValueError`
     when `model` is not built or has neither.
     """
-    if not model.built:
+    if not isinstance(model, keras.layers.Layer) or not model.built:
         raise ValueError(
-            "Argument `model` must be built before its statistics are "
-            f"recomputed. Received: model={model!r}"
+            "Argument `model` must be a built Keras model or layer. "
+            f"Received: model={model!r}"
         )
     layers = _flatten(model)
     bn_layers = [layer for layer in layers if isinstance(layer, _LAYER_TYPES)]

@@ -281,15 +281,30 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         ("instance", keras_bn.BatchNormalization()),
     )
     def test_bad_layer_class(self, layer_class):
-        with pytest.raises(ValueError, match="Received: layer_class="):
+        with pytest.raises(ValueError) as error:
             keras_bn.convert_batch_normalization(
                 user_model(), layer_class=layer_class
             )
+        self.assertIn(
+            f"Received: layer_class={layer_class!r}", str(error.value)
+        )
 
-    def test_bad_model(self):
-        with pytest.raises(ValueError, match="Received: model="):
-            keras_bn.convert_batch_normalization(keras.layers.Dense(2))
+    @parameterized.named_parameters(
+        ("layer", lambda: keras.layers.Dense(2)),
+        ("path", lambda: "model.keras"),
+        ("unbuilt", lambda: keras.Sequential([keras.layers.Dense(2)])),
+    )
+    def test_bad_model(self, make):
+        model = make()
+        with pytest.raises(ValueError) as error:
+            keras_bn.convert_batch_normalization(model)
+        self.assertIn(f"Received: model={model!r}", str(error.value))
 
-    def test_bad_kwargs_are_reported_by_the_layer(self):
-        with pytest.raises(ValueError, match="momentum=1.5"):
-            keras_bn.convert_batch_normalization(user_model(), momentum=1.5)
+    @parameterized.named_parameters(
+        ("momentum", {"momentum": 1.5}, "momentum=1.5"),
+        ("momentum_str", {"momentum": "0.9"}, "momentum='0.9' (a str)"),
+    )
+    def test_bad_kwargs_are_reported_by_the_layer(self, kwargs, message):
+        with pytest.raises(ValueError) as error:
+            keras_bn.convert_batch_normalization(user_model(), **kwargs)
+        self.assertIn(f"Received: {message}", str(error.value))

@@ -346,8 +346,10 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
         ("unbuilt", lambda: keras.Sequential([keras.layers.Dense(2)])),
         ("layer", lambda: keras.layers.Dense(2)),
+        ("path", lambda: "model.keras"),
     )
     def test_rejects_bad_model(self, make):
         model = make()
-        with pytest.raises(ValueError, match="Received: model="):
+        with pytest.raises(ValueError) as error:
             keras_bn.fold_batch_normalization(model)
+        self.assertIn(f"Received: model={model!r}", str(error.value))
