@@ -1,7 +1,10 @@
 """Tests of keras_bn.fold_batch_normalization."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import keras
 import numpy as np
@@ -306,6 +309,62 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
             folded_model.save(path)
             loaded = keras.saving.load_model(path)
         self.assertAllClose(loaded.predict(x, verbose=0), expected, atol=0)
+
+    @pytest.mark.slow
+    def test_loading_without_importing_keras_bn(self):
+        # What the guides say: a fully folded model loads without keras_bn;
+        # one with keras_bn layers needs the import, else Keras's error.
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(3),
+                keras_bn.BatchNormalization(virtual_batch_size=2),
+            ]
+        )
+        randomize_batch_normalization(model)
+        folded_model, _ = keras_bn.fold_batch_normalization(model)
+        x = np.random.default_rng(1).normal(size=(2, 4)).astype("float32")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, m in (("folded", folded_model), ("model", model)):
+                m.save(os.path.join(tmp, f"{name}.keras"))
+            np.save(os.path.join(tmp, "x.npy"), x)
+            np.save(os.path.join(tmp, "y.npy"), predict(model, x, False))
+            script = textwrap.dedent(
+                f"""
+                import os, sys
+                import keras, numpy as np
+                tmp = {tmp!r}
+                x = np.load(os.path.join(tmp, "x.npy"))
+                y = np.load(os.path.join(tmp, "y.npy"))
+                folded = keras.saving.load_model(
+                    os.path.join(tmp, "folded.keras")
+                )
+                assert "keras_bn" not in sys.modules
+                print("folded", np.abs(folded(x) - y).max())
+                try:
+                    keras.saving.load_model(os.path.join(tmp, "model.keras"))
+                except Exception as error:
+                    print("error", "Could not locate class "
+                          "'BatchNormalization'" in str(error))
+                import keras_bn
+                model = keras.saving.load_model(
+                    os.path.join(tmp, "model.keras")
+                )
+                print("imported", np.abs(model(x) - y).max())
+                """
+            )
+            result = subprocess.run(
+                [sys.executable, "-c", script],
+                capture_output=True, text=True, timeout=300,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = dict(
+            line.split(" ", 1) for line in result.stdout.strip().split("\n")
+        )
+        self.assertLess(float(lines["folded"]), 1e-5)
+        self.assertEqual(lines["error"], "True")
+        self.assertEqual(float(lines["imported"]), 0.0)
 
     def test_original_model_is_unchanged(self):
         model = keras.Sequential(
