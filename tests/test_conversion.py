@@ -127,7 +127,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
     def test_operations_that_are_not_layers(self):
         inputs = keras.Input((4,))
         h = keras.layers.BatchNormalization(name="bn")(inputs)
-        outputs = keras.ops.tanh(h) + keras.ops.square(inputs)
+        outputs = keras.ops.tanh(h) + test_folding.Scale(3.0)(inputs)
         model = keras.Model(inputs, outputs)
         randomize_statistics(model)
         converted = keras_bn.convert_batch_normalization(model)

@@ -52,6 +52,22 @@ APPLICATIONS = {
 }
 
 
+class Scale(keras.Operation):
+    """An operation that is not a layer and cannot give its config."""
+
+    def __init__(self, *factors):
+        super().__init__()
+        self.factors = factors
+
+    def call(self, x):
+        for factor in self.factors:
+            x = x * factor
+        return x
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, x.dtype)
+
+
 def application(name):
     """A `keras.applications` model with random BN statistics, and inputs."""
     make, shape = APPLICATIONS[name]
@@ -234,6 +250,7 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
         h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
         h = keras_bn.BatchNormalization(name="bn")(h)
         h = keras.ops.relu(h) * 2.0 + keras.ops.mean(h, axis=-1, keepdims=True)
+        h = Scale(2.0, -1.0)(h)
         h = keras.layers.BatchNormalization(name="after_ops")(h)
         outputs = keras.ops.concatenate([h, keras.ops.square(h)], axis=-1)
         model = keras.Model(inputs, outputs)
