@@ -102,6 +102,9 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         self.assertEqual(
             count(converted, keras_bn.BatchRenormalization), num_bn
         )
+        if num_bn == 0:
+            for a, b in zip(model.weights, converted.weights):
+                self.assertAllClose(b, a, atol=0, rtol=0)
         expected = np.asarray(model(x, training=False))
         # Float32 rounding differences grow through 50 layers.
         self.assertAllClose(
