@@ -7,6 +7,7 @@ operation), which have no weights. The tools copy every node here.
 
 import keras
 from keras.src.models.functional import Functional
+from keras.src.saving.serialization_lib import SafeModeScope
 
 
 def is_graph_model(layer):
@@ -23,15 +24,18 @@ def copy_node(node):
     A layer's weights are the caller's to set (`copy_weights`). An
     operation that is not a layer holds no state: it is rebuilt from its
     config as `keras.models.clone_model` does, or, when it cannot give one,
-    used as it is.
+    used as it is. Safe mode, which refuses to rebuild a `Lambda` layer's
+    Python function from a file, is off here: the function comes from the
+    caller's own live model.
     """
-    if isinstance(node, keras.layers.Layer):
-        return node.__class__.from_config(node.get_config())
-    try:
-        config = node.get_config()
-    except NotImplementedError:
-        return node
-    return node.__class__.from_config(config)
+    with SafeModeScope(safe_mode=False):
+        if isinstance(node, keras.layers.Layer):
+            return node.__class__.from_config(node.get_config())
+        try:
+            config = node.get_config()
+        except NotImplementedError:
+            return node
+        return node.__class__.from_config(config)
 
 
 def copy_weights(source, target):

@@ -130,6 +130,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
     def test_operations_that_are_not_layers(self):
         inputs = keras.Input((4,))
         h = keras.layers.BatchNormalization(name="bn")(inputs)
+        h = keras.layers.Lambda(lambda t: t * 2.0)(h)
         outputs = keras.ops.tanh(h) + test_folding.Scale(3.0)(inputs)
         model = keras.Model(inputs, outputs)
         randomize_statistics(model)

@@ -251,6 +251,7 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
         h = keras_bn.BatchNormalization(name="bn")(h)
         h = keras.ops.relu(h) * 2.0 + keras.ops.mean(h, axis=-1, keepdims=True)
         h = Scale(2.0, -1.0)(h)
+        h = keras.layers.Lambda(lambda t: t - 1.0)(h)
         h = keras.layers.BatchNormalization(name="after_ops")(h)
         outputs = keras.ops.concatenate([h, keras.ops.square(h)], axis=-1)
         model = keras.Model(inputs, outputs)
