@@ -22,7 +22,8 @@ class PreciseBN(keras.callbacks.Callback):
     before its validation, so `val_` metrics, checkpoints and the final
     model all use them. Training itself is unchanged: in training mode the
     layers normalize with batch statistics, and the moving averages go on
-    from the recomputed values.
+    from the recomputed values. A model without batch normalization raises
+    a `ValueError` when training begins.
 
     Args:
         data: The batches: a `tf.data.Dataset`, an iterable of batches that
@@ -37,7 +38,8 @@ class PreciseBN(keras.callbacks.Callback):
             Defaults to `32`.
         jit_compile: Whether to compile the forward pass with XLA. Defaults
             to `False`.
-        verbose: `1` shows a progress bar for each pass. Defaults to `0`.
+        verbose: `1` shows a progress bar for each pass, `0` shows
+            nothing. Defaults to `0`, as in `keras_bn.recompute_statistics`.
 
     Example:
 
@@ -82,6 +84,8 @@ class PreciseBN(keras.callbacks.Callback):
         self._recomputed_epoch = None
 
     def on_train_begin(self, logs=None):
+        # A model without batch normalization fails here, before training.
+        population.statistics_layers(self.model)
         self._epoch = None
         self._recomputed_epoch = None
 

@@ -2,9 +2,9 @@
 
 import keras
 
+from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
-from keras_bn.batch_renormalization import BatchRenormalization
 
 _RENORM_KEYS = ("renorm", "renorm_clipping", "renorm_momentum")
 
@@ -24,7 +24,7 @@ _DERIVED = {
 
 
 def convert_batch_normalization(
-    model, layer_class=BatchRenormalization, **kwargs
+    model, layer_class=BatchNormalization, **kwargs
 ):
     """Returns a copy of `model` with keras_bn batch normalization.
 
@@ -32,8 +32,11 @@ def convert_batch_normalization(
     included) becomes `layer_class` with the same arguments and weights
     (`gamma`, `beta`, `moving_mean`, `moving_variance`), `kwargs`
     overriding or adding arguments; every other layer is copied unchanged,
-    with its weights. For `keras_bn.BatchRenormalization` the
-    renormalization statistics start from the moving ones
+    with its weights, and every operation of a functional model that is not
+    a layer (such as `x + y` on the model's tensors) is copied as it is. A
+    model without core batch normalization comes back as an equal copy.
+    For `keras_bn.BatchRenormalization` the renormalization statistics
+    start from the moving ones
     (`moving_stddev = renorm_stddev = sqrt(moving_variance + epsilon)`,
     `renorm_mean = moving_mean`); a core layer with `renorm=True` keeps its
     own. In inference mode the copy computes the same outputs,
@@ -47,13 +50,26 @@ def convert_batch_normalization(
     pretrained network, such as a `keras.applications` model, with them.
     The copy is not compiled; `trainable` flags are kept.
 
+    The default class, `keras_bn.BatchNormalization`, trains exactly as
+    core Keras does until `kwargs` ask for more, so converting on its own
+    changes no result. Batch renormalization is a choice to make with its
+    clipping: without `renorm_clipping` its `r` and `d` are not clipped,
+    which is unstable early in training, so pass the paper's warm-up,
+
+        convert_batch_normalization(
+            model,
+            keras_bn.BatchRenormalization,
+            renorm_clipping=keras_bn.schedules.paper_renorm_clipping(),
+        )
+
+    (core layers with `renorm=True` become `keras_bn.BatchRenormalization`
+    with their own clipping either way).
+
     Args:
         model: A built Sequential or Functional model.
         layer_class: The keras_bn class to use:
             `keras_bn.BatchNormalization` or a subclass. Defaults to
-            `keras_bn.BatchRenormalization` (without `renorm_clipping`, its
-            `r` and `d` are not clipped; pass limits or a schedule in
-            `kwargs`).
+            `keras_bn.BatchNormalization`.
         **kwargs: Arguments for every new layer, on top of those of the
             layer it replaces (for instance `virtual_batch_size=16`).
 
@@ -92,7 +108,7 @@ def convert_batch_normalization(
             "Argument `layer_class` must be keras_bn.BatchNormalization or "
             f"a subclass of it. Received: layer_class={layer_class!r}"
         )
-    if not isinstance(model, keras.Model) or not model.built:
+    if not _graph.is_graph_model(model) or not model.built:
         raise ValueError(
             "Argument `model` must be a built Sequential or Functional "
             f"model. Received: model={model!r}"
@@ -110,7 +126,7 @@ def convert_batch_normalization(
             # raises the layer's own `ValueError`.
             new = layer_class(**{**config, **kwargs})
         else:
-            new = layer.__class__.from_config(layer.get_config())
+            new = _graph.copy_node(layer)
         copies.append((layer, new))
         return new
 
@@ -128,5 +144,5 @@ def convert_batch_normalization(
                 elif weight.name in _DERIVED:
                     weight.assign(_DERIVED[weight.name](values, new.epsilon))
         else:
-            new.set_weights(layer.get_weights())
+            _graph.copy_weights(layer, new)
     return new_model

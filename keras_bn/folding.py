@@ -2,8 +2,8 @@
 
 import keras
 import numpy as np
-from keras.src.models.functional import Functional
 
+from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
 
@@ -75,7 +75,7 @@ def fold_batch_normalization(model):
     >>> bool(np.allclose(folded_model(x), model(x), atol=1e-6))
     True
     """
-    if not _is_graph_model(model) or not model.built:
+    if not _graph.is_graph_model(model) or not model.built:
         raise ValueError(
             "Argument `model` must be a built Sequential or Functional "
             f"model. Received: model={model!r}"
@@ -90,7 +90,7 @@ def fold_batch_normalization(model):
     copies = []
 
     def clone_function(layer):
-        if _is_graph_model(layer):
+        if _graph.is_graph_model(layer):
             inner, inner_folded = fold_batch_normalization(layer)
             folded.extend(
                 (f"{layer.name}/{a}", f"{layer.name}/{b}")
@@ -105,8 +105,9 @@ def fold_batch_normalization(model):
             copies.append((new, _folded_weights(layer, bn)))
             folded.append((layer.name, bn.name))
             return new
-        new = layer.__class__.from_config(layer.get_config())
-        copies.append((new, layer.get_weights()))
+        new = _graph.copy_node(layer)
+        if isinstance(layer, keras.layers.Layer):
+            copies.append((new, layer.get_weights()))
         return new
 
     if isinstance(model, keras.Sequential):
@@ -143,11 +144,6 @@ def fold_batch_normalization(model):
     for layer, weights in copies:
         layer.set_weights(weights)
     return new_model, folded
-
-
-def _is_graph_model(layer):
-    # Subclassed models have no layer graph to rewrite.
-    return isinstance(layer, (keras.Sequential, Functional))
 
 
 def _sequential_pairs(model):

@@ -1,10 +1,12 @@
 """Population statistics recomputed with frozen weights (PreciseBN)."""
 
+import math
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn import _validation
 from keras_bn.batch_normalization import BatchNormalization
@@ -22,7 +24,7 @@ _ROWS_METHOD = "population_statistics"
 
 
 def recompute_statistics(
-    model, data, steps=None, batch_size=32, jit_compile=False, verbose=1
+    model, data, steps=None, batch_size=32, jit_compile=False, verbose=0
 ):
     """Sets moving statistics to the average of batch statistics on `data`.
 
@@ -67,6 +69,12 @@ def recompute_statistics(
     Under a `tf.distribute` strategy the model runs outside the replicas on
     the whole batch, so the statistics are those of the full batch.
 
+    A model without batch normalization (no layer above, and none with
+    `population_statistics()`) raises a `ValueError` rather than returning
+    with nothing done, since recomputing its statistics is a mistake that a
+    warning would let pass. So does a first batch whose shape does not fit
+    the model's input, before anything runs.
+
     Args:
         model: A built Keras model (or layer).
         data: The batches: a `tf.data.Dataset`, a `keras.utils.PyDataset`,
@@ -79,8 +87,9 @@ def recompute_statistics(
             Defaults to `32`.
         jit_compile: Whether to compile the forward pass with XLA. Defaults
             to `False`.
-        verbose: `1` shows a progress bar, `0` shows nothing. Defaults to
-            `1`.
+        verbose: `1` shows a progress bar (with the number of batches when
+            it is known: for arrays, sized datasets and `steps`), `0` shows
+            nothing. Defaults to `0`, as in `keras_bn.callbacks.PreciseBN`.
 
     Returns:
         The number of batches used.
@@ -94,7 +103,7 @@ def recompute_statistics(
     ...     [keras.Input((3,)), keras_bn.BatchNormalization(momentum=0.99)]
     ... )
     >>> x = np.random.default_rng(0).normal(2.0, 1.0, (64, 3))
-    >>> keras_bn.recompute_statistics(model, x, batch_size=16, verbose=0)
+    >>> keras_bn.recompute_statistics(model, x, batch_size=16)
     4
     >>> mean = np.asarray(model.layers[0].moving_mean)
     >>> bool(np.allclose(mean, x.mean(axis=0), atol=1e-5))
@@ -108,20 +117,7 @@ def recompute_statistics(
     batch_size = _validation.integer("batch_size", batch_size, 1)
     jit_compile = _validation.boolean("jit_compile", jit_compile)
     _validation.choice("verbose", verbose, (0, 1))
-    if not model.built:
-        raise ValueError(
-            "The model must be built before its statistics are recomputed. "
-            f"Received: model={model.name} (not built)"
-        )
-    layers = _flatten(model)
-    bn_layers = [layer for layer in layers if isinstance(layer, _LAYER_TYPES)]
-    row_layers = [
-        layer for layer in layers
-        if hasattr(layer, _ROWS_METHOD)
-        and not isinstance(layer, _LAYER_TYPES)
-    ]
-    if not bn_layers and not row_layers:
-        return 0
+    bn_layers, row_layers = statistics_layers(model)
     averages = [
         _RowAverage(counter, weights)
         for layer in row_layers
@@ -150,7 +146,10 @@ def recompute_statistics(
         jit_compile=jit_compile,
         reduce_retracing=True,
     )
-    progbar = keras.utils.Progbar(steps, verbose=verbose, unit_name="batch")
+    target = _num_batches(data, batch_size)
+    if target is None or (steps is not None and steps < target):
+        target = steps
+    progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="batch")
     count = 0
     done = False
     try:
@@ -163,6 +162,8 @@ def recompute_statistics(
         for x in _batches(data, batch_size):
             if steps is not None and count == steps:
                 break
+            if count == 0:
+                _check_input_shape(model, x, data)
             # Before batch k (from 0), keep k / (k + 1) of the running
             # average: an equal-weight mean of every batch seen so far.
             momentum.assign(_statistics.cumulative_decay(count))
@@ -173,6 +174,9 @@ def recompute_statistics(
                 average.end_batch()
             count += 1
             progbar.update(count)
+        if count and (target is None or count < target):
+            # Ends the progress bar's line.
+            progbar.update(count, finalize=True)
         for average in averages:
             average.assign()
         done = True
@@ -193,6 +197,94 @@ def recompute_statistics(
             f"recomputed. Received: data={data!r}"
         )
     return count
+
+
+def statistics_layers(model):
+    """The layers whose statistics `recompute_statistics` recomputes.
+
+    Returns the pair `(bn_layers, row_layers)`: batch-normalization layers,
+    and layers that count their updates row by row. Raises a `ValueError`
+    when `model` is not built or has neither.
+    """
+    if not isinstance(model, keras.layers.Layer) or not model.built:
+        raise ValueError(
+            "Argument `model` must be a built Keras model or layer. "
+            f"Received: model={model!r}"
+        )
+    layers = _flatten(model)
+    bn_layers = [layer for layer in layers if isinstance(layer, _LAYER_TYPES)]
+    row_layers = [
+        layer for layer in layers
+        if hasattr(layer, _ROWS_METHOD)
+        and not isinstance(layer, _LAYER_TYPES)
+    ]
+    if not bn_layers and not row_layers:
+        raise ValueError(
+            "Argument `model` must hold a batch-normalization layer "
+            "(keras.layers.BatchNormalization or a keras_bn layer, nested "
+            "ones included) whose statistics can be recomputed; it has "
+            f"none. Received: model={model!r}"
+        )
+    return bn_layers, row_layers
+
+
+def _check_input_shape(model, x, data):
+    """Raises a short error when batch `x` does not fit `model`'s input.
+
+    Only for Sequential and Functional models, whose inputs are known, and
+    only when `x` has as many arrays as the model has inputs; anything else
+    is left to the model.
+    """
+    if not _graph.is_graph_model(model):
+        return
+    try:
+        # A Sequential model's `input` exists only once it was called.
+        if isinstance(model, keras.Sequential):
+            inputs = model.inputs
+        else:
+            inputs = model.input
+    except (AttributeError, ValueError):
+        return
+    if isinstance(inputs, dict) and isinstance(x, dict):
+        if set(inputs) != set(x):
+            return
+        pairs = [(inputs[key], x[key]) for key in inputs]
+    else:
+        inputs, x = keras.tree.flatten(inputs), keras.tree.flatten(x)
+        if len(inputs) != len(x):
+            return
+        pairs = list(zip(inputs, x))
+    for spec, array in pairs:
+        shape = getattr(array, "shape", None)
+        if shape is None:
+            continue
+        shape = tuple(None if d is None else int(d) for d in shape)
+        want = tuple(spec.shape)
+        fits = len(shape) == len(want) and all(
+            w is None or d is None or w == d for w, d in zip(want, shape)
+        )
+        if not fits:
+            name = f" `{spec.name}`" if len(pairs) > 1 else ""
+            raise ValueError(
+                "Argument `data` must give batches that fit the model's "
+                f"input{name} of shape {want}, where None is any size. "
+                f"Received: data (a {type(data).__name__}) whose first "
+                f"batch has shape {shape!r}"
+            )
+
+
+def _num_batches(data, batch_size):
+    """The number of batches in `data`, or `None` when it is not known."""
+    if isinstance(data, dict) or _is_array(data):
+        size = len(keras.tree.flatten(data)[0])
+        return math.ceil(size / batch_size)
+    if isinstance(data, tf.data.Dataset):
+        cardinality = int(data.cardinality())
+        return cardinality if cardinality >= 0 else None
+    try:
+        return len(data)
+    except TypeError:
+        return None
 
 
 def _flatten(model):

@@ -137,7 +137,26 @@ class PreciseBNTest(test_case.LayerTestCase):
         ("every_n_epochs", {"every_n_epochs": 0}, "every_n_epochs=0"),
         ("batch_size", {"batch_size": 2.5}, "batch_size=2.5"),
         ("verbose", {"verbose": 3}, "verbose=3"),
+        ("verbose_str", {"verbose": "0"}, "verbose='0' (a str)"),
+        ("steps_str", {"steps": "2"}, "steps='2' (a str)"),
+        ("jit_compile", {"jit_compile": 1}, "jit_compile=1"),
     )
     def test_bad_arguments(self, kwargs, message):
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError) as error:
             keras_bn.callbacks.PreciseBN(data()[0], **kwargs)
+        self.assertIn(f"Received: {message}", str(error.value))
+
+    def test_model_without_batch_normalization_fails_before_training(self):
+        model = keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(1, name="head")]
+        )
+        model.compile(optimizer="sgd", loss="mse")
+        before = np.asarray(model.get_layer("head").kernel)
+        x, y = data()
+        with pytest.raises(ValueError) as error:
+            model.fit(x, y, callbacks=[keras_bn.callbacks.PreciseBN(x)],
+                      verbose=0)
+        self.assertIn(f"Received: model={model!r}", str(error.value))
+        self.assertAllClose(
+            model.get_layer("head").kernel, before, atol=0, rtol=0
+        )

@@ -11,6 +11,7 @@ from absl.testing import parameterized
 
 import keras_bn
 from tests import test_case
+from tests import test_folding
 
 
 def all_layers(model):
@@ -87,12 +88,58 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
             converted.predict(x, verbose=0), expected, rtol=1e-5, atol=1e-5
         )
 
-    def test_default_layer_class(self):
-        converted = keras_bn.convert_batch_normalization(user_model())
-        self.assertIs(
-            type(converted.get_layer("head_bn")),
-            keras_bn.BatchRenormalization,
+    @pytest.mark.slow
+    @parameterized.named_parameters(
+        (name, name) for name in test_folding.APPLICATIONS
+    )
+    def test_applications(self, name):
+        model, x = test_folding.application(name)
+        num_bn = count(model, keras.layers.BatchNormalization)
+        converted = keras_bn.convert_batch_normalization(
+            model, keras_bn.BatchRenormalization
         )
+        self.assertEqual(count(converted, keras.layers.BatchNormalization), 0)
+        self.assertEqual(
+            count(converted, keras_bn.BatchRenormalization), num_bn
+        )
+        if num_bn == 0:
+            for a, b in zip(model.weights, converted.weights):
+                self.assertAllClose(b, a, atol=0, rtol=0)
+        expected = np.asarray(model(x, training=False))
+        # Float32 rounding differences grow through 50 layers.
+        self.assertAllClose(
+            converted(x, training=False),
+            expected,
+            rtol=1e-4,
+            atol=1e-4 * np.abs(expected).max(),
+        )
+
+    def test_default_layer_class_trains_as_core_keras(self):
+        model = user_model()
+        converted = keras_bn.convert_batch_normalization(model)
+        self.assertIs(
+            type(converted.get_layer("head_bn")), keras_bn.BatchNormalization
+        )
+        x = np.random.default_rng(1).normal(size=(8, 6, 6, 3))
+        x = x.astype("float32")
+        self.assertAllClose(
+            converted(x, training=True), model(x, training=True),
+            rtol=1e-5, atol=1e-5,
+        )
+
+    def test_operations_that_are_not_layers(self):
+        inputs = keras.Input((4,))
+        h = keras.layers.BatchNormalization(name="bn")(inputs)
+        h = keras.layers.Lambda(lambda t: t * 2.0)(h)
+        outputs = keras.ops.tanh(h) + test_folding.Scale(3.0)(inputs)
+        model = keras.Model(inputs, outputs)
+        randomize_statistics(model)
+        converted = keras_bn.convert_batch_normalization(model)
+        self.assertIsInstance(
+            converted.get_layer("bn"), keras_bn.BatchNormalization
+        )
+        x = np.random.default_rng(1).normal(size=(3, 4)).astype("float32")
+        self.assertAllClose(converted(x), model(x), rtol=1e-6, atol=1e-6)
 
     def test_user_model_keeps_arguments_weights_and_flags(self):
         model = user_model()
@@ -238,15 +285,30 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         ("instance", keras_bn.BatchNormalization()),
     )
     def test_bad_layer_class(self, layer_class):
-        with pytest.raises(ValueError, match="Received: layer_class="):
+        with pytest.raises(ValueError) as error:
             keras_bn.convert_batch_normalization(
                 user_model(), layer_class=layer_class
             )
+        self.assertIn(
+            f"Received: layer_class={layer_class!r}", str(error.value)
+        )
 
-    def test_bad_model(self):
-        with pytest.raises(ValueError, match="Received: model="):
-            keras_bn.convert_batch_normalization(keras.layers.Dense(2))
+    @parameterized.named_parameters(
+        ("layer", lambda: keras.layers.Dense(2)),
+        ("path", lambda: "model.keras"),
+        ("unbuilt", lambda: keras.Sequential([keras.layers.Dense(2)])),
+    )
+    def test_bad_model(self, make):
+        model = make()
+        with pytest.raises(ValueError) as error:
+            keras_bn.convert_batch_normalization(model)
+        self.assertIn(f"Received: model={model!r}", str(error.value))
 
-    def test_bad_kwargs_are_reported_by_the_layer(self):
-        with pytest.raises(ValueError, match="momentum=1.5"):
-            keras_bn.convert_batch_normalization(user_model(), momentum=1.5)
+    @parameterized.named_parameters(
+        ("momentum", {"momentum": 1.5}, "momentum=1.5"),
+        ("momentum_str", {"momentum": "0.9"}, "momentum='0.9' (a str)"),
+    )
+    def test_bad_kwargs_are_reported_by_the_layer(self, kwargs, message):
+        with pytest.raises(ValueError) as error:
+            keras_bn.convert_batch_normalization(user_model(), **kwargs)
+        self.assertIn(f"Received: {message}", str(error.value))

@@ -1,7 +1,10 @@
 """Tests of keras_bn.fold_batch_normalization."""
 
 import os
+import subprocess
+import sys
 import tempfile
+import textwrap
 
 import keras
 import numpy as np
@@ -38,6 +41,46 @@ PRODUCERS = {
 }
 
 
+# `keras.applications` models, small and without weights: MobileNetV3 and
+# ConvNeXt hold `keras.ops` operations as graph nodes (`x + y`), ConvNeXt
+# has no batch normalization at all, EfficientNet has preprocessing layers
+# with weights of their own and squeeze-and-excitation products.
+APPLICATIONS = {
+    "mobilenet_v3_small": (keras.applications.MobileNetV3Small, (96, 96, 3)),
+    "convnext_tiny": (keras.applications.ConvNeXtTiny, (32, 32, 3)),
+    "efficientnet_b0": (keras.applications.EfficientNetB0, (32, 32, 3)),
+}
+
+
+class Scale(keras.Operation):
+    """An operation that is not a layer and cannot give its config."""
+
+    def __init__(self, *factors):
+        super().__init__()
+        self.factors = factors
+
+    def call(self, x):
+        for factor in self.factors:
+            x = x * factor
+        return x
+
+    def compute_output_spec(self, x):
+        return keras.KerasTensor(x.shape, x.dtype)
+
+
+def application(name):
+    """A `keras.applications` model with random BN statistics, and inputs."""
+    make, shape = APPLICATIONS[name]
+    model = make(
+        weights=None, input_shape=shape, classes=5, classifier_activation=None
+    )
+    # Milder than `randomize_batch_normalization`: a deep stack of maps
+    # that far from the identity overflows float32.
+    randomize_batch_normalization(model, spread=0.5)
+    x = np.random.default_rng(1).uniform(0.0, 255.0, (2,) + shape)
+    return model, x.astype("float32")
+
+
 def all_layers(model):
     for layer in model.layers:
         yield layer
@@ -45,17 +88,23 @@ def all_layers(model):
             yield from all_layers(layer)
 
 
-def randomize_batch_normalization(model, seed=0):
-    """Gives every BN layer statistics and an affine map far from init."""
+def randomize_batch_normalization(model, seed=0, spread=2.0):
+    """Gives every BN layer statistics and an affine map far from init.
+
+    Scales and variances are uniform in `[1 / (1 + spread), 1 + spread]`,
+    means and offsets normal with standard deviation `spread`.
+    """
     rng = np.random.default_rng(seed)
     for layer in all_layers(model):
         if not isinstance(layer, tuple(BN_CLASSES.values())):
             continue
         for weight in layer.weights:
             if weight.name in ("gamma", "moving_variance", "moving_stddev"):
-                weight.assign(rng.uniform(0.3, 3.0, weight.shape))
+                weight.assign(
+                    rng.uniform(1 / (1 + spread), 1 + spread, weight.shape)
+                )
             elif weight.name in ("beta", "moving_mean"):
-                weight.assign(rng.normal(0.0, 2.0, weight.shape))
+                weight.assign(rng.normal(0.0, spread, weight.shape))
 
 
 def predict(model, x, jit_compile):
@@ -72,12 +121,17 @@ def bn_names(model):
 
 
 class FoldBatchNormalizationTest(test_case.LayerTestCase):
-    def assert_same_inference(self, model, folded_model, x, jit_compile):
+    def assert_same_inference(
+        self, model, folded_model, x, jit_compile, tolerance=1e-5
+    ):
         expected = predict(model, x, jit_compile)
         actual = predict(folded_model, x, jit_compile)
-        # 1e-5 relative to the outputs' scale.
+        # Relative to the outputs' scale.
         self.assertAllClose(
-            actual, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max()
+            actual,
+            expected,
+            rtol=tolerance,
+            atol=tolerance * np.abs(expected).max(),
         )
 
     @parameterized.product(
@@ -190,6 +244,49 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
         for a, b in zip(model(x), folded_model(x)):
             self.assertAllClose(b, a, atol=0, rtol=0)
 
+    def test_operations_that_are_not_layers(self):
+        # `keras.ops` calls on symbolic tensors are graph nodes of their own.
+        inputs = keras.Input((6, 6, 3))
+        h = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+        h = keras_bn.BatchNormalization(name="bn")(h)
+        h = keras.ops.relu(h) * 2.0 + keras.ops.mean(h, axis=-1, keepdims=True)
+        h = Scale(2.0, -1.0)(h)
+        h = keras.layers.Lambda(lambda t: t - 1.0)(h)
+        h = keras.layers.BatchNormalization(name="after_ops")(h)
+        outputs = keras.ops.concatenate([h, keras.ops.square(h)], axis=-1)
+        model = keras.Model(inputs, outputs)
+        self.assertTrue(
+            any(
+                not isinstance(op, keras.layers.Layer)
+                for op in model.operations
+            )
+        )
+        randomize_batch_normalization(model)
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [("conv", "bn")])
+        self.assertEqual(bn_names(folded_model), ["after_ops"])
+        x = np.random.default_rng(1).normal(size=(2, 6, 6, 3))
+        self.assert_same_inference(
+            model, folded_model, x.astype("float32"), jit_compile=False
+        )
+
+    @pytest.mark.slow
+    @parameterized.named_parameters((name, name) for name in APPLICATIONS)
+    def test_applications(self, name):
+        model, x = application(name)
+        num_bn = len(bn_names(model))
+        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        # Every batch normalization of these models follows a convolution.
+        self.assertLen(folded, num_bn)
+        self.assertEqual(bn_names(folded_model), [])
+        if num_bn == 0:
+            for a, b in zip(model.weights, folded_model.weights):
+                self.assertAllClose(b, a, atol=0, rtol=0)
+        # Float32 rounding differences grow through 50 layers.
+        self.assert_same_inference(
+            model, folded_model, x, jit_compile=False, tolerance=1e-4
+        )
+
     def test_shared_producer_is_left_alone(self):
         dense = keras.layers.Dense(3, name="shared_dense")
         a, b = keras.Input((3,)), keras.Input((3,))
@@ -231,6 +328,62 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
             loaded = keras.saving.load_model(path)
         self.assertAllClose(loaded.predict(x, verbose=0), expected, atol=0)
 
+    @pytest.mark.slow
+    def test_loading_without_importing_keras_bn(self):
+        # What the guides say: a fully folded model loads without keras_bn;
+        # one with keras_bn layers needs the import, else Keras's error.
+        model = keras.Sequential(
+            [
+                keras.Input((4,)),
+                keras.layers.Dense(3),
+                keras_bn.BatchNormalization(virtual_batch_size=2),
+            ]
+        )
+        randomize_batch_normalization(model)
+        folded_model, _ = keras_bn.fold_batch_normalization(model)
+        x = np.random.default_rng(1).normal(size=(2, 4)).astype("float32")
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, m in (("folded", folded_model), ("model", model)):
+                m.save(os.path.join(tmp, f"{name}.keras"))
+            np.save(os.path.join(tmp, "x.npy"), x)
+            np.save(os.path.join(tmp, "y.npy"), predict(model, x, False))
+            script = textwrap.dedent(
+                f"""
+                import os, sys
+                import keras, numpy as np
+                tmp = {tmp!r}
+                x = np.load(os.path.join(tmp, "x.npy"))
+                y = np.load(os.path.join(tmp, "y.npy"))
+                folded = keras.saving.load_model(
+                    os.path.join(tmp, "folded.keras")
+                )
+                assert "keras_bn" not in sys.modules
+                print("folded", np.abs(folded(x) - y).max())
+                try:
+                    keras.saving.load_model(os.path.join(tmp, "model.keras"))
+                except Exception as error:
+                    print("error", "Could not locate class "
+                          "'BatchNormalization'" in str(error))
+                import keras_bn
+                model = keras.saving.load_model(
+                    os.path.join(tmp, "model.keras")
+                )
+                print("imported", np.abs(model(x) - y).max())
+                """
+            )
+            result = subprocess.run(
+                [sys.executable, "-c", script],
+                capture_output=True, text=True, timeout=300,
+                cwd=os.path.dirname(os.path.dirname(__file__)),
+            )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        lines = dict(
+            line.split(" ", 1) for line in result.stdout.strip().split("\n")
+        )
+        self.assertLess(float(lines["folded"]), 1e-5)
+        self.assertEqual(lines["error"], "True")
+        self.assertEqual(float(lines["imported"]), 0.0)
+
     def test_original_model_is_unchanged(self):
         model = keras.Sequential(
             [
@@ -270,8 +423,10 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
         ("unbuilt", lambda: keras.Sequential([keras.layers.Dense(2)])),
         ("layer", lambda: keras.layers.Dense(2)),
+        ("path", lambda: "model.keras"),
     )
     def test_rejects_bad_model(self, make):
         model = make()
-        with pytest.raises(ValueError, match="Received: model="):
+        with pytest.raises(ValueError) as error:
             keras_bn.fold_batch_normalization(model)
+        self.assertIn(f"Received: model={model!r}", str(error.value))

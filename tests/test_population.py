@@ -1,6 +1,10 @@
 """Tests of keras_bn.recompute_statistics."""
 
+import contextlib
+import inspect
+import io
 import os
+import re
 import tempfile
 
 import keras
@@ -358,21 +362,99 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         self.assertEqual(model.get_layer("bn1").momentum, 0.99)
 
     def test_model_without_batch_normalization(self):
-        model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(2)])
-        self.assertEqual(
-            keras_bn.recompute_statistics(model, data(), verbose=0), 0
+        model = keras.Sequential(
+            [keras.Input((5,)), keras.layers.Dense(2)], name="no_bn"
         )
+        with pytest.raises(ValueError) as error:
+            keras_bn.recompute_statistics(model, data())
+        self.assertIn(f"Received: model={model!r}", str(error.value))
+        self.assertIn("name=no_bn", str(error.value))
+
+    @parameterized.named_parameters(
+        ("array", lambda x: x, False, "(None, 5)", "(32, 7)"),
+        (
+            "dataset",
+            lambda x: tf.data.Dataset.from_tensor_slices(x).batch(16),
+            False, "(None, 5)", "(16, 7)",
+        ),
+        ("dict", lambda x: {"features": x}, True, "(None, 5)", "(32, 7)"),
+        ("rank", lambda x: x[:, :, None], False, "(None, 5)", "(32, 7, 1)"),
+    )
+    def test_wrong_input_shape(self, make_data, dict_inputs, want, got):
+        model = make_model(keras_bn.BatchNormalization, dict_inputs)
+        before = [np.asarray(v) for v in model.variables]
+        x = np.zeros((40, 7), "float32")
+        with pytest.raises(ValueError) as error:
+            keras_bn.recompute_statistics(model, make_data(x))
+        message = str(error.value)
+        # One paragraph naming both shapes, the received one as repr.
+        self.assertNotIn("\n", message)
+        self.assertIn(f"shape {want}", message)
+        self.assertIn(f"Received: data (a {type(make_data(x)).__name__})",
+                      message)
+        self.assertTrue(message.endswith(f"first batch has shape {got}"))
+        for variable, value in zip(model.variables, before):
+            self.assertAllClose(variable, value, atol=0, rtol=0)
+
+    @parameterized.named_parameters(
+        ("array", lambda x: x, {}, "3/3"),
+        (
+            "dataset",
+            lambda x: tf.data.Dataset.from_tensor_slices(x).batch(32),
+            {}, "3/3",
+        ),
+        ("py_dataset", lambda x: Batches(x, 32), {}, "3/3"),
+        (
+            "steps",
+            lambda x: tf.data.Dataset.from_tensor_slices(x).repeat().batch(
+                32
+            ),
+            {"steps": 2}, "2/2",
+        ),
+        ("steps_beyond_data", lambda x: x, {"steps": 10}, "3/3"),
+        ("generator", lambda x: (b for b in split(x, 32)), {}, "3/Unknown"),
+    )
+    def test_progress_bar(self, make_data, kwargs, shown):
+        model = make_model(keras_bn.BatchNormalization)
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            keras_bn.recompute_statistics(
+                model, make_data(data()), verbose=1, **kwargs
+            )
+        # Without the terminal's escape codes and padding.
+        text = re.sub(r"\x1b\[[0-9;]*m", "", output.getvalue())
+        last = re.split("[\r\n]", text.rstrip("\n"))[-1]
+        self.assertRegex(last, f"^ *{re.escape(shown)} ")
+        # The bar's line is ended, once.
+        self.assertTrue(text.endswith("\n"), repr(text))
+        self.assertFalse(text.endswith("\n\n"), repr(text))
+
+    def test_verbose_defaults_agree(self):
+        function = inspect.signature(keras_bn.recompute_statistics)
+        callback = inspect.signature(keras_bn.callbacks.PreciseBN)
+        self.assertEqual(function.parameters["verbose"].default, 0)
+        self.assertEqual(callback.parameters["verbose"].default, 0)
+        output = io.StringIO()
+        with contextlib.redirect_stdout(output):
+            keras_bn.recompute_statistics(
+                make_model(keras_bn.BatchNormalization), data()
+            )
+        self.assertEqual(output.getvalue(), "")
 
     @parameterized.named_parameters(
         ("steps_zero", {"steps": 0}, "steps=0"),
         ("steps_float", {"steps": 1.5}, "steps=1.5"),
         ("batch_size", {"batch_size": -4}, "batch_size=-4"),
         ("verbose", {"verbose": 2}, "verbose=2"),
+        ("verbose_str", {"verbose": "1"}, "verbose='1' (a str)"),
+        ("steps_str", {"steps": "3"}, "steps='3' (a str)"),
+        ("jit_compile", {"jit_compile": "yes"}, "jit_compile='yes' (a str)"),
     )
     def test_bad_arguments(self, kwargs, message):
         model = make_model(keras_bn.BatchNormalization)
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(ValueError) as error:
             keras_bn.recompute_statistics(model, data(), **kwargs)
+        self.assertIn(f"Received: {message}", str(error.value))
 
     def test_empty_data(self):
         model = make_model(keras_bn.BatchNormalization)
@@ -384,7 +466,17 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         )
         self.assertEqual(model.get_layer("bn1").momentum, 0.99)
 
-    def test_unbuilt_model(self):
-        model = keras.Sequential([keras_bn.BatchNormalization()], name="seq")
-        with pytest.raises(ValueError, match="Received: model=seq"):
+    @parameterized.named_parameters(
+        (
+            "unbuilt",
+            lambda: keras.Sequential(
+                [keras_bn.BatchNormalization()], name="seq"
+            ),
+        ),
+        ("not_a_model", lambda: "model.keras"),
+    )
+    def test_bad_model(self, make):
+        model = make()
+        with pytest.raises(ValueError) as error:
             keras_bn.recompute_statistics(model, data(), verbose=0)
+        self.assertIn(f"Received: model={model!r}", str(error.value))
