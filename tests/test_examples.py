@@ -75,6 +75,14 @@ BAD_ARGUMENTS = (
     ("fine_tuning", "--fine-tune-epochs", "0"),
     ("fine_tuning", "--fine-tune-batch-size", "0"),
     ("fine_tuning", "--fine-tune-learning-rate", "-0.001"),
+    ("stock_series", "--window", "0"),
+    ("stock_series", "--units", "-16"),
+    ("stock_series", "--epochs", "0"),
+    ("stock_series", "--batch-size", "0"),
+    ("stock_series", "--learning-rate", "0"),
+    ("stock_series", "--learning-rates", "inf"),
+    ("stock_series", "--seeds", "0"),
+    ("stock_series", "--seed", "-1"),
 )
 
 
@@ -141,7 +149,8 @@ class BadArgumentsTest(parameterized.TestCase):
 
     def test_grid_covers_every_numeric_option(self):
         # An option added later without an entry above fails here.
-        for name in ("quickstart", "small_batch_renorm", "fine_tuning"):
+        for name in ("quickstart", "small_batch_renorm", "fine_tuning",
+                     "stock_series"):
             typed = {
                 action.option_strings[0]: action.type
                 for action in _parser(name)._actions
@@ -153,8 +162,10 @@ class BadArgumentsTest(parameterized.TestCase):
             self.assertEqual(set(typed), covered, name)
 
     @parameterized.named_parameters(
+        ("quickstart", "quickstart", ["--epochs", "0"]),
         ("small_batch_renorm", "small_batch_renorm", ["--steps", "-5"]),
         ("fine_tuning", "fine_tuning", ["--seeds", "0"]),
+        ("stock_series", "stock_series", ["--seeds", "0"]),
     )
     def test_script_exits_2_before_importing_tensorflow(self, name, argv):
         result = run_example(EXAMPLES / f"{name}.py", *argv, timeout=60)
