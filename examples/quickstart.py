@@ -176,6 +176,7 @@ def plot(curves, path, learning_rate):
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
+    from matplotlib import ticker
 
     figure, axes = pyplot.subplots(figsize=(6, 4))
     for label, accuracies in curves.items():
@@ -189,6 +190,7 @@ def plot(curves, path, learning_rate):
         label=f"{TARGET_ACCURACY:.0%} target",
     )
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_ylabel("validation accuracy")
     axes.set_ylim(0.0, 1.0)
     axes.set_title(f"8x8 digits, plain SGD, learning rate {learning_rate}")
