@@ -17,7 +17,7 @@ prints a table, and writes `results.json`, `results.csv`, `results.png` and
 `renorm_diagnostics.csv` (the clipping limits and clipped fractions of the
 first seed's BRN runs, every 50 steps) to `--out`.
 
-    python examples/small_batch_renorm.py --quick   # about 30 s on 2 cores
+    python examples/small_batch_renorm.py --quick   # about a minute on 2 cores
     python examples/small_batch_renorm.py           # a few minutes
 """
 

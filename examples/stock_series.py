@@ -26,7 +26,7 @@ nothing is shuffled across the split, and the feature scaling (and GARCH)
 is fitted on the training period only.
 
 Usage:
-    python examples/stock_series.py                # S&P 500, both tasks
+    python examples/stock_series.py                # both tasks, ~10 min
     python examples/stock_series.py --quick        # a smoke run, < 1 min
     python examples/stock_series.py --task volatility --seeds 10
     python examples/stock_series.py --csv prices.csv
