@@ -411,7 +411,12 @@ def volatility_task(days, args, period):
                     model(xs[test], training=False)
                 )
                 forecast = scale * np.exp(log_scaled.ravel().astype(float))
-                finite = bool(np.all(np.isfinite(forecast)))
+                # A NaN loss ends training (TerminateOnNaN); the restored
+                # weights may still forecast, but the run diverged.
+                finite = bool(
+                    np.all(np.isfinite(forecast))
+                    and np.all(np.isfinite(history["loss"]))
+                )
                 run = {
                     "model": kind, "learning_rate": learning_rate,
                     "seed": seed, "epochs": len(history["loss"]),
@@ -721,14 +726,15 @@ def volatility_plot(results, shown, args, path):
 def run(args):
     """Loads the data, runs the chosen tasks, writes the report and plots."""
     frame, source = load_prices(args)
-    needed = 2 * args.window + 50
+    if args.quick:
+        frame = frame.iloc[-QUICK_DAYS:].reset_index(drop=True)
+    # About 50 windows at least, so that each period holds a few.
+    needed = args.window + 50
     if len(frame) < needed:
         raise InputError(
             f"{source}: {len(frame)} usable rows, too few for a window of "
             f"{args.window} days (needs at least {needed})"
         )
-    if args.quick:
-        frame = frame.iloc[-QUICK_DAYS:].reset_index(drop=True)
     days = daily_series(frame)
     targets = days["date"][args.window:]
 
