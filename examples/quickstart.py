@@ -18,10 +18,11 @@ training loss, and writes a plot of both curves to `--out`.
 """
 
 import argparse
-import math
 import os
 import pathlib
 import sys
+
+import _cli
 
 # Keeps TensorFlow's C++ start-up messages out of the example's output.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -41,27 +42,27 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--epochs",
-        type=int,
+        type=_cli.positive_int,
         default=15,
         help="training epochs for each model, a positive integer "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--learning-rate",
-        type=float,
+        type=_cli.rate,
         default=0.5,
         help="plain SGD learning rate, a positive number "
         "(default: %(default)s)",
     )
     parser.add_argument(
         "--batch-size",
-        type=int,
+        type=_cli.positive_int,
         default=32,
         help="training batch size, a positive integer (default: %(default)s)",
     )
     parser.add_argument(
         "--seed",
-        type=int,
+        type=_cli.non_negative_int,
         default=0,
         help="seed for the data split, the weights and the shuffling; both "
         "models start from it (default: %(default)s)",
@@ -85,24 +86,6 @@ def parse_args(argv):
         help="hide Keras's progress bars; the results are still printed",
     )
     args = parser.parse_args(argv)
-    if args.epochs < 1:
-        parser.error(
-            f"--epochs must be a positive integer. Received: {args.epochs}"
-        )
-    if not (math.isfinite(args.learning_rate) and args.learning_rate > 0):
-        parser.error(
-            "--learning-rate must be a positive number. Received: "
-            f"{args.learning_rate}"
-        )
-    if args.batch_size < 1:
-        parser.error(
-            "--batch-size must be a positive integer. Received: "
-            f"{args.batch_size}"
-        )
-    if args.seed < 0:
-        parser.error(
-            f"--seed must be a non-negative integer. Received: {args.seed}"
-        )
     if args.out.exists() and not args.out.is_dir():
         parser.error(f"--out must be a folder. Received: {args.out}")
     if args.quick:
@@ -193,13 +176,21 @@ def plot(curves, path, learning_rate):
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
+    from matplotlib import ticker
 
     figure, axes = pyplot.subplots(figsize=(6, 4))
     for label, accuracies in curves.items():
         epochs = range(1, len(accuracies) + 1)
         axes.plot(epochs, accuracies, marker="o", label=label)
-    axes.axhline(TARGET_ACCURACY, color="gray", linestyle="--", linewidth=1)
+    axes.axhline(
+        TARGET_ACCURACY,
+        color="gray",
+        linestyle="--",
+        linewidth=1,
+        label=f"{TARGET_ACCURACY:.0%} target",
+    )
     axes.set_xlabel("epoch")
+    axes.xaxis.set_major_locator(ticker.MaxNLocator(integer=True))
     axes.set_ylabel("validation accuracy")
     axes.set_ylim(0.0, 1.0)
     axes.set_title(f"8x8 digits, plain SGD, learning rate {learning_rate}")
