@@ -6,6 +6,7 @@ the moving statistics once after it) is shared with `keras_bn.BNGRU`.
 
 import inspect
 import numbers
+import os
 
 import keras
 import numpy as np
@@ -17,6 +18,7 @@ from keras import ops
 from keras import regularizers
 from keras import saving
 
+from keras_bn import _kernels
 from keras_bn import _statistics
 from keras_bn import _validation
 
@@ -196,7 +198,18 @@ class _BNRecurrentCell(layers.Layer):
         time_major_x = ops.transpose(x, (1, 0, 2))
         if mask is not None:
             mask = ops.transpose(mask, (1, 0, 2))
-        inputs, input_stats = self._input_term(
+        input_term = self._input_term
+        if training and _compile_input_term():
+            import tensorflow as tf
+
+            # Outside the loop (XLA cannot take TensorFlow's loop
+            # gradients in from an ordinary graph); fused, the passes
+            # over the large `(steps, batch, gates * units)` tensor cost
+            # less than TensorFlow's separate ops.
+            input_term = tf.function(
+                self._input_term, jit_compile=True, autograph=False
+            )
+        inputs, input_stats = input_term(
             time_major_x, mask, training, steps, first_step
         )
         states = self._initial_states(initial_state, batch, dtype, training)
@@ -369,12 +382,19 @@ class _BNRecurrentCell(layers.Layer):
     def _normalize_step(self, value, gamma, beta, population, mask):
         """Normalizes `value` over the batch, or with `population`."""
         if population is None:
-            mean, variance, count = _statistics.moments(value, [0], mask)
+            # The statistics' share of the gradient is `_batch_normalize`'s.
+            mean, variance, count = _statistics.moments(
+                ops.stop_gradient(value), [0], mask
+            )
             stats = (mean[0], variance[0], _step_count(count, mask))
-        else:
-            mean, variance = population
-            stats = ()
-        return self._affine(value, mean, variance, gamma, beta), stats
+            normalized = _batch_normalize(
+                value, mean, variance, count, mask, self.epsilon,
+                ops.cast(gamma, value.dtype),
+                None if beta is None else ops.cast(beta, value.dtype),
+            )
+            return normalized, stats
+        mean, variance = population
+        return self._affine(value, mean, variance, gamma, beta), ()
 
     def _affine(self, value, mean, variance, gamma, beta):
         scale, offset = self._scale_offset(mean, variance, gamma, beta)
@@ -755,6 +775,13 @@ class _BNRecurrent(layers.Layer):
         return None if self._stream is None else self._stream.index
 
     def build(self, sequences_shape, initial_state_shape=None):
+        if self.unroll and sequences_shape[1] is None:
+            raise ValueError(
+                f"Layer '{self.name}' cannot unroll a loop whose number of "
+                "steps is unknown: give the inputs a fixed number of "
+                "timesteps, or pass `unroll=False`. Received: "
+                f"input_shape={tuple(sequences_shape)}"
+            )
         self.cell.build(sequences_shape)
         self.input_spec = layers.InputSpec(
             ndim=3, axes={-1: sequences_shape[-1]}
@@ -818,13 +845,6 @@ class _BNRecurrent(layers.Layer):
         if isinstance(mask, (list, tuple)):
             mask = mask[0]
         self._check_shapes(sequences, initial_state, mask)
-        if self.unroll and sequences.shape[1] is None:
-            raise ValueError(
-                f"Layer '{self.name}' cannot unroll a loop whose number of "
-                "steps is unknown: pass inputs with a fixed number of "
-                "timesteps, or `unroll=False`. Received: "
-                f"input_shape={tuple(sequences.shape)}"
-            )
         first_step = None
         if self._stream is not None:
             first_step = self._stream.index.value
@@ -1120,6 +1140,64 @@ def _cell_kwargs(kwargs):
         "dtype": kwargs.get("dtype"),
         "trainable": kwargs.get("trainable", True),
     }
+
+
+def _compile_input_term():
+    """Whether a training call runs its input term through XLA.
+
+    On TensorFlow, in an ordinary graph (not eagerly, which would compile
+    every call, nor inside `jit_compile`, which compiles it already) on a
+    CPU. `KERAS_BN_XLA_KERNEL` decides as for the other layers' XLA kernel
+    (`keras_bn._kernels`): `0` never, `1` also on a GPU.
+    """
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    setting = os.environ.get(_kernels.XLA_KERNEL_VARIABLE, "auto").strip()
+    if setting == "0" or tf.executing_eagerly() or _kernels.xla_compiling():
+        return False
+    return setting == "1" or _kernels._cpu_only()
+
+
+def _batch_normalize(value, mean, variance, count, mask, epsilon, gamma, beta):
+    """`gamma * (value - mean) / sqrt(variance + epsilon) + beta` with the
+    gradient of batch normalization over axis 0.
+
+    `mean`, `variance` and `count` are the batch statistics of `value`
+    (where `mask`, `(batch, 1)`); the gradient counts their dependence on
+    `value` in closed form, which takes fewer ops per step than
+    differentiating the statistics (measured: `docs/recurrent.md`). `beta`
+    may be `None`.
+    """
+    with_beta = beta is not None
+    if not with_beta:
+        beta = ops.zeros_like(gamma)
+
+    @ops.custom_gradient
+    def normalize(value, gamma, beta):
+        inv_std, shift = _statistics.affine(mean, variance, epsilon)
+        scale = inv_std * gamma
+
+        def grad(*args, upstream=None):
+            dy = args[0] if upstream is None else upstream
+            x_hat = value * inv_std + shift
+            dbeta = ops.sum(dy, axis=0, keepdims=True)
+            dgamma = ops.sum(dy * x_hat, axis=0, keepdims=True)
+            # Every output depends on the statistics, so the sums run over
+            # all rows; only the rows that counted receive their share.
+            share = (dbeta + x_hat * dgamma) / ops.maximum(count, 1.0)
+            if mask is not None:
+                share = share * mask
+            return (
+                scale * (dy - share),
+                ops.reshape(dgamma, ops.shape(gamma)),
+                ops.reshape(dbeta, ops.shape(beta)),
+            )
+
+        return value * scale + (shift * gamma + beta), grad
+
+    return normalize(value, gamma, beta)
 
 
 def _from_step(mean, variance, count, first_step, rows):
