@@ -27,6 +27,11 @@ class BNGRUCell(_BNRecurrentCell):
             units)`.
         mask: Optional boolean tensor `(batch, timesteps)`.
         training: Python boolean, training or inference mode.
+        first_step: Optional integer tensor, the index of the first step
+            in the stream (the rows of the moving statistics used and
+            updated start there). Defaults to `None`, step 0.
+        unroll: Python boolean, whether to run the steps as a Python loop.
+            Defaults to `False`.
 
     Returns `(outputs, [h])`: the hidden states of every step, `(batch,
     timesteps, units)`, and the final state.
@@ -113,9 +118,11 @@ class BNGRU(_BNRecurrent):
     they move between the two with `set_weights`.
 
     Everything else is as in `keras_bn.BNLSTM`, whose documentation explains
-    the per-step statistics, `statistics="shared"`, masking, and the
-    bias-corrected moving statistics (kept for the input and recurrent
-    terms; a GRU has no cell state to normalize).
+    the per-step statistics, `statistics="shared"`, masking, stateful
+    streams, and the bias-corrected moving statistics (kept for the input
+    and recurrent terms; a GRU has no cell state to normalize). Every
+    argument of `keras.layers.GRU` is accepted, so a core layer's config
+    loads into this one, and the layer has core's read-only properties.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -164,9 +171,19 @@ class BNGRU(_BNRecurrent):
             `False`.
         go_backwards: Whether to process the sequence backwards and return
             the reversed sequence. Defaults to `False`.
+        stateful: Whether each call continues the streams of the call
+            before (states and time index; see `keras_bn.BNLSTM`). Defaults
+            to `False`.
+        unroll: Whether to run the steps as a Python loop (the number of
+            timesteps must be known). Defaults to `False`.
         zero_output_for_mask: Whether masked steps output zeros (with
             `return_sequences=True`). Defaults to `False`.
-        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+        reset_after: Must be `True`, the GRU this layer computes (accepted
+            so that `keras.layers.GRU` configs load). Defaults to `True`.
+        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
+            normalized recurrence. Defaults to `"auto"`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
+            `implementation` is accepted and ignored, as in Keras 3.
 
     Call arguments:
         sequences: A 3D tensor `(batch, timesteps, features)`.

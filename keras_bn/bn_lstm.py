@@ -599,6 +599,11 @@ class BNLSTMCell(_BNRecurrentCell):
         initial_state: Optional list `[h, c]`, each `(batch, units)`.
         mask: Optional boolean tensor `(batch, timesteps)`.
         training: Python boolean, training or inference mode.
+        first_step: Optional integer tensor, the index of the first step
+            in the stream (the rows of the moving statistics used and
+            updated start there). Defaults to `None`, step 0.
+        unroll: Python boolean, whether to run the steps as a Python loop.
+            Defaults to `False`.
 
     Returns `(outputs, [h, c])`: the hidden states of every step, `(batch,
     timesteps, units)`, and the final states.
@@ -1045,6 +1050,23 @@ class BNLSTM(_BNRecurrent):
     With `go_backwards=True` the steps are counted in the order they are
     processed, from the end of the sequence.
 
+    **Stateful streams.** With `stateful=True` (which needs a fixed batch
+    size, `keras.Input(..., batch_size=...)`), the final states of a call
+    are the initial states of the next, and so is the time index: the `t`-th
+    step of the stream since the last `reset_state()` uses row `min(t,
+    max_timesteps - 1)` of the moving statistics, so a sequence fed in
+    chunks gives the outputs it gives fed whole in inference. In training,
+    each step is normalized with its own batch statistics and updates the
+    row of its index in the stream (truncated back-propagation through a
+    long sequence, as the paper's Penn Treebank runs). The states and the
+    index are variables outside the layer's weights, as in
+    `keras.layers.RNN`: `states` holds the states, `time_index` the index of
+    the next step, and `reset_state()` zeros both.
+
+    Every argument of `keras.layers.LSTM` is accepted, so a core layer's
+    config loads into this one, and the layer has core's read-only
+    properties (`units`, `activation`, the initializers, ...).
+
     Args:
         units: Positive integer, dimensionality of the output space.
         activation: Activation of the candidate and of the output. Defaults
@@ -1100,9 +1122,19 @@ class BNLSTM(_BNRecurrent):
             Defaults to `False`.
         go_backwards: Whether to process the sequence backwards and return
             the reversed sequence. Defaults to `False`.
+        stateful: Whether each call continues the streams of the call
+            before (states and time index). Defaults to `False`.
+        unroll: Whether to run the steps as a Python loop (the number of
+            timesteps must be known) instead of a symbolic loop. Defaults
+            to `False`.
         zero_output_for_mask: Whether masked steps output zeros (with
             `return_sequences=True`). Defaults to `False`.
-        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
+            normalized recurrence, and `True` (which requires one) raises.
+            Defaults to `"auto"`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
+            `implementation`, which Keras 3 ignores, is accepted and
+            ignored.
 
     Call arguments:
         sequences: A 3D tensor `(batch, timesteps, features)`.
@@ -1170,12 +1202,17 @@ def _batch_normalize(value, mean, variance, count, mask, epsilon, gamma, beta):
     differentiating the statistics (measured: `docs/recurrent.md`). `beta`
     may be `None`.
     """
-    with_beta = beta is not None
-    if not with_beta:
+    if beta is None:
         beta = ops.zeros_like(gamma)
+    # Every tensor the gradient reads is an argument: JAX does not let a
+    # custom gradient close over the values of the loop it runs in.
+    statistics = [mean, variance, count]
+    if mask is not None:
+        statistics.append(mask)
 
     @ops.custom_gradient
-    def normalize(value, gamma, beta):
+    def normalize(value, gamma, beta, *statistics):
+        mean, variance, count = statistics[:3]
         inv_std, shift = _statistics.affine(mean, variance, epsilon)
         scale = inv_std * gamma
 
@@ -1187,17 +1224,18 @@ def _batch_normalize(value, mean, variance, count, mask, epsilon, gamma, beta):
             # Every output depends on the statistics, so the sums run over
             # all rows; only the rows that counted receive their share.
             share = (dbeta + x_hat * dgamma) / ops.maximum(count, 1.0)
-            if mask is not None:
-                share = share * mask
+            if len(statistics) > 3:
+                share = share * statistics[3]
             return (
                 scale * (dy - share),
                 ops.reshape(dgamma, ops.shape(gamma)),
                 ops.reshape(dbeta, ops.shape(beta)),
+                *(ops.zeros_like(s) for s in statistics),
             )
 
         return value * scale + (shift * gamma + beta), grad
 
-    return normalize(value, gamma, beta)
+    return normalize(value, gamma, beta, *statistics)
 
 
 def _from_step(mean, variance, count, first_step, rows):
@@ -1265,6 +1303,9 @@ def _scan(step, init, xs, outputs_like, unroll=False):
         (0, list(init), outputs),
         maximum_iterations=steps,
         swap_memory=True,
+        # As the TensorFlow backend's `rnn`: measured about 4 % faster
+        # than the default 10 in an ordinary graph.
+        parallel_iterations=32,
     )
     return tuple(carry), tuple(o.stack() for o in outputs)
 
