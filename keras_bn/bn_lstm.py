@@ -719,6 +719,7 @@ class _BNRecurrent(layers.Layer):
     def __init__(
         self,
         units,
+        *,
         return_sequences=False,
         return_state=False,
         go_backwards=False,
