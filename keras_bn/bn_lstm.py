@@ -1203,19 +1203,25 @@ def _batch_normalize(value, mean, variance, count, mask, epsilon, gamma, beta):
     differentiating the statistics (measured: `docs/recurrent.md`). `beta`
     may be `None`.
     """
-    if beta is None:
-        beta = ops.zeros_like(gamma)
+    with_beta = beta is not None
     # Every tensor the gradient reads is an argument: JAX does not let a
     # custom gradient close over the values of the loop it runs in.
     statistics = [mean, variance, count]
     if mask is not None:
         statistics.append(mask)
+    # TensorFlow takes `None` for the gradients of the statistics, which
+    # saves ops in every step; JAX needs zeros.
+    no_gradient = keras.backend.backend() == "tensorflow"
 
     @ops.custom_gradient
-    def normalize(value, gamma, beta, *statistics):
-        mean, variance, count = statistics[:3]
+    def normalize(value, gamma, *rest):
+        beta = rest[0] if with_beta else None
+        mean, variance, count = rest[with_beta : with_beta + 3]
         inv_std, shift = _statistics.affine(mean, variance, epsilon)
         scale = inv_std * gamma
+        offset = shift * gamma
+        if with_beta:
+            offset = offset + beta
 
         def grad(*args, upstream=None):
             dy = args[0] if upstream is None else upstream
@@ -1225,18 +1231,20 @@ def _batch_normalize(value, mean, variance, count, mask, epsilon, gamma, beta):
             # Every output depends on the statistics, so the sums run over
             # all rows; only the rows that counted receive their share.
             share = (dbeta + x_hat * dgamma) / ops.maximum(count, 1.0)
-            if len(statistics) > 3:
-                share = share * statistics[3]
-            return (
-                scale * (dy - share),
-                ops.reshape(dgamma, ops.shape(gamma)),
-                ops.reshape(dbeta, ops.shape(beta)),
-                *(ops.zeros_like(s) for s in statistics),
+            if mask is not None:
+                share = share * rest[-1]
+            grads = [scale * (dy - share), ops.reshape(dgamma, (-1,))]
+            if with_beta:
+                grads.append(ops.reshape(dbeta, (-1,)))
+            return tuple(grads) + tuple(
+                None if no_gradient else ops.zeros_like(s)
+                for s in statistics
             )
 
-        return value * scale + (shift * gamma + beta), grad
+        return value * scale + offset, grad
 
-    return normalize(value, gamma, beta, *statistics)
+    betas = [beta] if with_beta else []
+    return normalize(value, gamma, *betas, *statistics)
 
 
 def _from_step(mean, variance, count, first_step, rows):
