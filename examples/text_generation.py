@@ -6,6 +6,12 @@ held-out bits per character of both after every epoch (the BNLSTM with its
 population statistics, as at inference), plots the two curves, saves the
 models as `.keras` files and samples text from a prompt.
 
+Sampling runs a stateful copy of the trained model (`stateful=True`, a
+batch of one, the same weights): the prompt goes through it once, then
+every new character is one step, and the model keeps the whole text so far
+as context. Step `t` of the text uses the BNLSTM's population statistics of
+step `t` (the last kept step, 100, from then on), as in training.
+
 The default corpus is the Python language reference that ships with
 CPython (`pydoc_data.topics`, about 465,000 characters of English prose and
 code); `--text-file` takes any other text. The text is split by position:
@@ -81,7 +87,41 @@ def bits_per_character(loss):
     return loss / math.log(2.0)
 
 
+def stateful_copy(model):
+    """`model` for a batch of one, its recurrent layers stateful.
+
+    A config edit: the input's batch size is fixed at 1 and every recurrent
+    layer gets `stateful=True`; the weights are `model`'s.
+    """
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] == "InputLayer":
+            shape = layer["config"]["batch_shape"]
+            layer["config"]["batch_shape"] = [1, *shape[1:]]
+        elif "stateful" in layer["config"]:
+            layer["config"]["stateful"] = True
+            # Built from the new input, whose batch size the states take.
+            layer.pop("build_config", None)
+    copy = type(model).from_config(config)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def next_id(logits, temperature, rng):
+    """Draws a character id from `logits` at `temperature`."""
+    import numpy as np
+
+    logits = np.asarray(logits, np.float64) / max(temperature, 1e-6)
+    p = np.exp(logits - logits.max())
+    return int(rng.choice(len(p), p=p / p.sum()))
+
+
 def sample(model, vocab, prompt, length, temperature, seed):
+    """The prompt and `length` characters sampled after it.
+
+    One step of a stateful copy of `model` per character.
+    """
+    import keras
     import numpy as np
 
     index = {c: i for i, c in enumerate(vocab)}
@@ -90,14 +130,22 @@ def sample(model, vocab, prompt, length, temperature, seed):
         raise InputError(
             f"--prompt has characters the model never saw: {unknown!r}"
         )
+    stream = stateful_copy(model)
+    if keras.backend.backend() == "tensorflow":
+        run = stream.predict_on_batch
+    else:
+        # JAX's compiled predict does not carry the states of stateful
+        # layers (as for keras.layers.LSTM); eager calls do.
+        def run(x):
+            return keras.ops.convert_to_numpy(stream(x, training=False))
+
     rng = np.random.default_rng(seed)
     ids = [index[c] for c in prompt]
-    for _ in range(length):
-        context = np.array([ids[-SEQUENCE_LENGTH:]], np.int32)
-        logits = model.predict(context, verbose=0)[0, -1].astype(np.float64)
-        logits = logits / max(temperature, 1e-6)
-        p = np.exp(logits - logits.max())
-        ids.append(int(rng.choice(len(p), p=p / p.sum())))
+    logits = run(np.array([ids], np.int32))[0, -1]
+    for i in range(length):
+        ids.append(next_id(logits, temperature, rng))
+        if i < length - 1:
+            logits = run(np.array([ids[-1:]], np.int32))[0, -1]
     return "".join(vocab[i] for i in ids)
 
 

@@ -164,6 +164,32 @@ def choose(call):
     return Path(FUSED, "TensorFlow's kernel serves the call")
 
 
+def choose_recurrent_input(backend, device, eager, xla_compiling):
+    """The path of the recurrent layers' input term in training.
+
+    `BNLSTM` and `BNGRU` normalize the input product of the whole
+    sequence outside their loop; in an ordinary TensorFlow graph on a CPU
+    that runs as one XLA-compiled function (`"xla"`), elsewhere as
+    `keras.ops` (`"ops"`). `KERAS_BN_XLA_KERNEL` decides as for the
+    batch-normalization layers: `0` never, `1` on any device.
+    """
+    if backend != "tensorflow":
+        return Path(OPS, f"the {backend} backend runs keras.ops")
+    setting = process_xla_kernel_default()
+    if setting is False:
+        return Path(OPS, f"{XLA_KERNEL_VARIABLE}=0")
+    if eager:
+        return Path(OPS, "an eager call would compile at every call")
+    if xla_compiling:
+        return Path(OPS, "the call is compiled by XLA already")
+    if setting:
+        return Path(XLA, f"{XLA_KERNEL_VARIABLE}=1")
+    if device == "cpu":
+        return Path(XLA, "XLA compiles the input term's element-wise ops "
+                    "and reductions into fewer passes on a CPU")
+    return Path(OPS, f"TensorFlow's ops on the {device}")
+
+
 def fused_problems(call):
     """Why TensorFlow's fused kernel cannot serve `call` (empty: it can)."""
     problems = config_problems(

@@ -128,20 +128,9 @@ def _xla_functions(rank):
     def normalize_grad(
         dy, x, mean, variance, count, mask, scale, axes, epsilon
     ):
-        # y = x_hat * scale + offset with x_hat = (x - mean) * inv_std and
-        # the batch's (masked) mean and variance over `count` elements: the
-        # classic batch-norm gradient, in which the statistics' share
-        # reaches only the elements that counted. Every output, counted or
-        # not, depends on the statistics, so the sums run over all of them.
-        inv_std, shift = _statistics.affine(mean, variance, epsilon)
-        x_hat = x * inv_std + shift
-        doffset = tf.reduce_sum(dy, axes, keepdims=True)
-        dscale = tf.reduce_sum(dy * x_hat, axes, keepdims=True)
-        share = (doffset + x_hat * dscale) / tf.maximum(count, 1.0)
-        if mask is not None:
-            share = share * mask
-        dx = (scale * inv_std) * (dy - share)
-        return dx, dscale, doffset
+        return _statistics.normalize_grad(
+            dy, x, mean, variance, count, mask, scale, list(axes), epsilon
+        )
 
     return types.SimpleNamespace(
         moments=moments, normalize=normalize, normalize_grad=normalize_grad

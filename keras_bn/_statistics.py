@@ -278,6 +278,30 @@ def affine(mean, variance, epsilon, gamma=None, beta=None):
     return scale, offset
 
 
+def normalize_grad(dy, x, mean, variance, count, mask, scale, axes, epsilon):
+    """Gradient of batch normalization with the batch's own statistics.
+
+    For `y = x_hat * scale + offset`, `x_hat = (x - mean) / sqrt(variance +
+    epsilon)` and the (masked) mean and biased variance of `x` over `axes`
+    from `count` elements: the classic closed form, in which the
+    statistics' share reaches only the elements that counted. Every
+    output, counted or not, depends on the statistics, so the sums run
+    over all of them.
+
+    Returns:
+        `(dx, dscale, doffset)`, the last two summed over `axes` with
+        `keepdims=True`.
+    """
+    inv_std, shift = affine(mean, variance, epsilon)
+    x_hat = x * inv_std + shift
+    doffset = ops.sum(dy, axis=axes, keepdims=True)
+    dscale = ops.sum(dy * x_hat, axis=axes, keepdims=True)
+    share = (doffset + x_hat * dscale) / ops.maximum(count, 1.0)
+    if mask is not None:
+        share = share * mask
+    return (scale * inv_std) * (dy - share), dscale, doffset
+
+
 def cumulative_decay(updates):
     """`n / (n + 1)`: the decay that keeps an equal-weight running average.
 

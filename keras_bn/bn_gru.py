@@ -7,9 +7,9 @@ moving-statistics machinery, with the GRU's step.
 from keras import ops
 from keras import saving
 
+from keras_bn import _validation
 from keras_bn.bn_lstm import _BNRecurrent
 from keras_bn.bn_lstm import _BNRecurrentCell
-from keras_bn.bn_lstm import _cell_kwargs
 
 
 @saving.register_keras_serializable(package="keras_bn")
@@ -27,6 +27,11 @@ class BNGRUCell(_BNRecurrentCell):
             units)`.
         mask: Optional boolean tensor `(batch, timesteps)`.
         training: Python boolean, training or inference mode.
+        first_step: Optional integer tensor, the index of the first step
+            in the stream (the rows of the moving statistics used and
+            updated start there). Defaults to `None`, step 0.
+        unroll: Python boolean, whether to run the steps as a Python loop.
+            Defaults to `False`.
 
     Returns `(outputs, [h])`: the hidden states of every step, `(batch,
     timesteps, units)`, and the final state.
@@ -47,6 +52,19 @@ class BNGRUCell(_BNRecurrentCell):
 
     num_gates = 3
     step_terms = (("recurrent", 3),)
+
+    def __init__(self, units, reset_after=True, **kwargs):
+        super().__init__(units, **kwargs)
+        if reset_after is not True:
+            _validation.fail(
+                "reset_after", reset_after, "True",
+                "BNGRU computes the GRU of `keras.layers.GRU(reset_after="
+                "True)`, the reset gate applied after the recurrent product.",
+            )
+        self.reset_after = True
+
+    def get_config(self):
+        return {**super().get_config(), "reset_after": self.reset_after}
 
     def _bias_shape(self):
         # Input and recurrent biases, as `keras.layers.GRU` with
@@ -100,9 +118,11 @@ class BNGRU(_BNRecurrent):
     they move between the two with `set_weights`.
 
     Everything else is as in `keras_bn.BNLSTM`, whose documentation explains
-    the per-step statistics, `statistics="shared"`, masking, and the
-    bias-corrected moving statistics (kept for the input and recurrent
-    terms; a GRU has no cell state to normalize).
+    the per-step statistics, `statistics="shared"`, masking, stateful
+    streams, and the bias-corrected moving statistics (kept for the input
+    and recurrent terms; a GRU has no cell state to normalize). Every
+    argument of `keras.layers.GRU` is accepted, so a core layer's config
+    loads into this one, and the layer has core's read-only properties.
 
     Args:
         units: Positive integer, dimensionality of the output space.
@@ -151,9 +171,19 @@ class BNGRU(_BNRecurrent):
             `False`.
         go_backwards: Whether to process the sequence backwards and return
             the reversed sequence. Defaults to `False`.
+        stateful: Whether each call continues the streams of the call
+            before (states and time index; see `keras_bn.BNLSTM`). Defaults
+            to `False`.
+        unroll: Whether to run the steps as a Python loop (the number of
+            timesteps must be known). Defaults to `False`.
         zero_output_for_mask: Whether masked steps output zeros (with
             `return_sequences=True`). Defaults to `False`.
-        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
+        reset_after: Must be `True`, the GRU this layer computes (accepted
+            so that `keras.layers.GRU` configs load). Defaults to `True`.
+        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
+            normalized recurrence. Defaults to `"auto"`.
+        **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
+            `implementation` is accepted and ignored, as in Keras 3.
 
     Call arguments:
         sequences: A 3D tensor `(batch, timesteps, features)`.
@@ -179,69 +209,5 @@ class BNGRU(_BNRecurrent):
     - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025).
     """
 
-    def __init__(
-        self,
-        units,
-        activation="tanh",
-        recurrent_activation="sigmoid",
-        use_bias=True,
-        kernel_initializer="glorot_uniform",
-        recurrent_initializer="orthogonal",
-        bias_initializer="zeros",
-        kernel_regularizer=None,
-        recurrent_regularizer=None,
-        bias_regularizer=None,
-        kernel_constraint=None,
-        recurrent_constraint=None,
-        bias_constraint=None,
-        dropout=0.0,
-        recurrent_dropout=0.0,
-        seed=None,
-        max_timesteps=None,
-        momentum=0.9,
-        epsilon=1e-3,
-        statistics="per_step",
-        input_gamma_initializer=0.1,
-        recurrent_gamma_initializer=0.1,
-        initial_state_noise=0.0,
-        return_sequences=False,
-        return_state=False,
-        go_backwards=False,
-        zero_output_for_mask=False,
-        **kwargs,
-    ):
-        cell = BNGRUCell(
-            units,
-            activation=activation,
-            recurrent_activation=recurrent_activation,
-            use_bias=use_bias,
-            kernel_initializer=kernel_initializer,
-            recurrent_initializer=recurrent_initializer,
-            bias_initializer=bias_initializer,
-            kernel_regularizer=kernel_regularizer,
-            recurrent_regularizer=recurrent_regularizer,
-            bias_regularizer=bias_regularizer,
-            kernel_constraint=kernel_constraint,
-            recurrent_constraint=recurrent_constraint,
-            bias_constraint=bias_constraint,
-            dropout=dropout,
-            recurrent_dropout=recurrent_dropout,
-            seed=seed,
-            max_timesteps=max_timesteps,
-            momentum=momentum,
-            epsilon=epsilon,
-            statistics=statistics,
-            input_gamma_initializer=input_gamma_initializer,
-            recurrent_gamma_initializer=recurrent_gamma_initializer,
-            initial_state_noise=initial_state_noise,
-            name="bngru_cell",
-            **_cell_kwargs(kwargs),
-        )
-        super().__init__(
-            cell,
-            return_sequences=return_sequences,
-            return_state=return_state,
-            go_backwards=go_backwards,
-            zero_output_for_mask=zero_output_for_mask,
-            **kwargs,
-        )
+    cell_class = BNGRUCell
+    cell_name = "bngru_cell"

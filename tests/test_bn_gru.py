@@ -249,3 +249,71 @@ class ValidationTest(test_case.LayerTestCase):
             ValueError, r"3D inputs.*Received: input_shape=\(8, 4\)"
         ):
             keras_bn.BNGRU(UNITS)(np.zeros((8, 4), "float32"))
+
+
+class StatefulTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("chunks_of_1", 1), ("chunks_of_7", 7),
+        ("chunks_longer_than_max_timesteps", 5),
+    )
+    def test_chunked_equals_whole_in_inference(self, chunk):
+        rng = np.random.default_rng(30)
+        base = keras_bn.BNGRU(UNITS, return_sequences=True, max_timesteps=4)
+        base.build((8, 4, FEATURES))
+        randomize(base, rng)
+        for scale in (1.0, 2.0):
+            base(rng.normal(0.5, scale, (8, 4, FEATURES)).astype("float32"),
+                 training=True)
+        stream = rng.normal(0.5, 2.0, (2, 11, FEATURES)).astype("float32")
+        whole = keras.ops.convert_to_numpy(base(stream))
+        layer = keras_bn.BNGRU.from_config(
+            {**base.get_config(), "stateful": True}
+        )
+        layer.build((2, None, FEATURES))
+        layer.set_weights(base.get_weights())
+        parts = [
+            keras.ops.convert_to_numpy(layer(stream[:, i : i + chunk]))
+            for i in range(0, 11, chunk)
+        ]
+        self.assertAllClose(np.concatenate(parts, axis=1), whole, atol=1e-6)
+        layer.reset_state()
+        self.assertAllClose(layer(stream[:, :3]), whole[:, :3], atol=1e-6)
+
+    def test_training_on_chunks_follows_the_stream(self):
+        rng = np.random.default_rng(31)
+        layer = keras_bn.BNGRU(
+            UNITS, return_sequences=True, stateful=True, max_timesteps=4
+        )
+        layer.build((8, None, FEATURES))
+        randomize(layer, rng)
+        w = named_weights(layer)
+        whole_moving = reference_moving(4, MOMENTUM)
+        x = rng.normal(0.5, 2.0, (8, 6, FEATURES))
+        expected, _ = reference_gru(x, w, {}, whole_moving)
+        outputs = [layer(x[:, :2].astype("float32"), training=True),
+                   layer(x[:, 2:].astype("float32"), training=True)]
+        # The outputs equal one pass over the whole stream; the first
+        # chunk updated rows 0 and 1, the second rows 2 and 3.
+        self.assertAllClose(
+            np.concatenate(outputs, axis=1), expected, atol=2e-5, rtol=1e-4
+        )
+        np.testing.assert_array_equal(layer.cell.step_updates, 1)
+        for term in ("input", "recurrent"):
+            self.assertAllClose(
+                getattr(layer.cell, f"moving_{term}_mean"),
+                whole_moving[term].value("mean"), atol=2e-5, rtol=1e-4,
+            )
+
+    def test_unroll_equals_loop(self):
+        rng = np.random.default_rng(32)
+        x = rng.normal(size=(8, 5, FEATURES)).astype("float32")
+        layers = [keras_bn.BNGRU(UNITS, unroll=u) for u in (False, True)]
+        for layer in layers:
+            layer.build(x.shape)
+        randomize(layers[0], rng)
+        layers[1].set_weights(layers[0].get_weights())
+        for training in (True, False):
+            self.assertAllClose(
+                layers[1](x, training=training),
+                layers[0](x, training=training), atol=1e-6,
+            )

@@ -85,8 +85,16 @@ def bn(v, mean, var, gamma, eps, beta=0.0):
     return gamma * (v - mean) / np.sqrt(var + eps) + beta
 
 
-def reference_input_term(x, w, cfg, moving, m, training):
-    """`BN(W_x x; gamma_x)` for every step; updates the input statistics."""
+def stream_update(statistics, step_stats, start):
+    """Updates with the statistics of steps `start, start + 1, ...`."""
+    statistics.update([(0.0, 0.0, 0.0)] * start + list(step_stats))
+
+
+def reference_input_term(x, w, cfg, moving, m, training, start=0):
+    """`BN(W_x x; gamma_x)` for every step; updates the input statistics.
+
+    `start` is the stream's index of the first step of `x`.
+    """
     batch, steps, _ = x.shape
     eps = cfg.get("epsilon", 1e-3)
     xw = x @ w["kernel"]
@@ -98,10 +106,10 @@ def reference_input_term(x, w, cfg, moving, m, training):
         return bn(xw, stats[0], stats[1], gamma, eps)
     if training:
         stats = [masked_moments(xw[:, t], m[:, t]) for t in range(steps)]
-        moving["input"].update(stats)
+        stream_update(moving["input"], stats, start)
     else:
         stats = [
-            [moving["input"].row(k, 0 if shared else t)
+            [moving["input"].row(k, 0 if shared else start + t)
              for k in ("mean", "var")]
             for t in range(steps)
         ]
@@ -111,7 +119,9 @@ def reference_input_term(x, w, cfg, moving, m, training):
     )
 
 
-def reference_lstm(x, w, cfg, moving, mask=None, training=True, state=None):
+def reference_lstm(
+    x, w, cfg, moving, mask=None, training=True, state=None, start=0
+):
     """BN-LSTM forward pass in float64, in the order the steps are processed.
 
     Args:
@@ -123,6 +133,7 @@ def reference_lstm(x, w, cfg, moving, mask=None, training=True, state=None):
         mask: Optional `(batch, time)` boolean array.
         training: Batch statistics and updates, or the moving statistics.
         state: Optional initial `(h, c)`.
+        start: The stream's index of the first step of `x`.
 
     Returns:
         The hidden state of every step and the final `(h, c)`.
@@ -132,7 +143,7 @@ def reference_lstm(x, w, cfg, moving, mask=None, training=True, state=None):
     units = w["recurrent_kernel"].shape[0]
     eps = cfg.get("epsilon", 1e-3)
     m = np.ones((batch, steps), bool) if mask is None else np.asarray(mask)
-    xn = reference_input_term(x, w, cfg, moving, m, training)
+    xn = reference_input_term(x, w, cfg, moving, m, training, start)
     if state is None:
         h, c = np.zeros((batch, units)), np.zeros((batch, units))
     else:
@@ -144,7 +155,9 @@ def reference_lstm(x, w, cfg, moving, mask=None, training=True, state=None):
             s = masked_moments(hw, m[:, t])
             recurrent_stats.append(s)
         else:
-            s = [moving["recurrent"].row(k, t) for k in ("mean", "var")]
+            s = [
+                moving["recurrent"].row(k, start + t) for k in ("mean", "var")
+            ]
         z = xn[:, t] + bn(hw, s[0], s[1], w["recurrent_gamma"], eps)
         z = z + w["bias"]
         i, f, g, o = np.split(z, 4, axis=-1)
@@ -153,15 +166,15 @@ def reference_lstm(x, w, cfg, moving, mask=None, training=True, state=None):
             s = masked_moments(c_new, m[:, t])
             cell_stats.append(s)
         else:
-            s = [moving["cell"].row(k, t) for k in ("mean", "var")]
+            s = [moving["cell"].row(k, start + t) for k in ("mean", "var")]
         cn = bn(c_new, s[0], s[1], w["cell_gamma"], eps, w["cell_beta"])
         h_new = sigmoid(o) * np.tanh(cn)
         keep = m[:, t : t + 1]
         h, c = np.where(keep, h_new, h), np.where(keep, c_new, c)
         outputs.append(h)
     if training:
-        moving["recurrent"].update(recurrent_stats)
-        moving["cell"].update(cell_stats)
+        stream_update(moving["recurrent"], recurrent_stats, start)
+        stream_update(moving["cell"], cell_stats, start)
     return np.stack(outputs, axis=1), (h, c)
 
 
@@ -363,6 +376,56 @@ class GradientTest(test_case.LayerTestCase):
                 self.assertAllClose(
                     np.asarray(grad).reshape(-1)[index], numeric,
                     atol=1e-6, rtol=1e-5, msg=f"{weight.name}[{index}]",
+                )
+
+
+@pytest.mark.skipif(
+    keras.backend.backend() != "jax", reason="uses jax.grad"
+)
+class JaxGradientTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("lstm", keras_bn.BNLSTM), ("gru", keras_bn.BNGRU)
+    )
+    def test_gradients_match_finite_differences(self, cls):
+        import jax
+
+        # In float32 (JAX's default): central differences over a step of
+        # 2e-3 are good to about 1 %; a missing term of the
+        # batch-normalization gradient is off by far more.
+        rng = np.random.default_rng(7)
+        x = rng.normal(size=(6, 4, 2)).astype("float32")
+        mask = np.ones((6, 4), bool)
+        mask[:2, 3:] = False
+        layer = cls(UNITS, return_sequences=True)
+        layer.build(x.shape)
+        randomize(layer, rng)
+        probe = rng.normal(size=(6, 4, UNITS)).astype("float32")
+        fixed = [v.value for v in layer.non_trainable_variables]
+
+        def loss(values):
+            y, _ = layer.stateless_call(
+                values, fixed, x, training=True, mask=mask
+            )
+            return (y * probe).sum()
+
+        values = [v.value for v in layer.trainable_variables]
+        grads = jax.grad(loss)(values)
+        delta = 2e-3
+        for i, (value, grad) in enumerate(zip(values, grads)):
+            flat = np.asarray(value, np.float64).reshape(-1)
+            for index in rng.choice(flat.size, min(4, flat.size), False):
+                shifted = []
+                for sign in (1.0, -1.0):
+                    bumped = flat.copy()
+                    bumped[index] += sign * delta
+                    moved = list(values)
+                    moved[i] = bumped.reshape(value.shape).astype("float32")
+                    shifted.append(float(loss(moved)))
+                numeric = (shifted[0] - shifted[1]) / (2 * delta)
+                self.assertAllClose(
+                    np.asarray(grad).reshape(-1)[index], numeric,
+                    atol=2e-3, rtol=2e-2,
+                    msg=f"{layer.trainable_variables[i].name}[{index}]",
                 )
 
 
@@ -676,3 +739,308 @@ class ValidationTest(test_case.LayerTestCase):
                 np.zeros((2, 3, FEATURES), "float32"),
                 initial_state=[np.zeros((2, UNITS), "float32")],
             )
+
+
+def stateful_copy(layer, batch, features=FEATURES):
+    """A stateful layer with `layer`'s config and weights."""
+    config = {
+        **layer.get_config(), "stateful": True,
+        "max_timesteps": layer.cell.num_slots,
+    }
+    copy = type(layer).from_config(config)
+    copy.build((batch, None, features))
+    copy.set_weights(layer.get_weights())
+    return copy
+
+
+def trained_layer(cls, rng, steps, **kwargs):
+    """A layer with randomized weights and moving statistics from training
+    on two batches, so that every row of them differs."""
+    layer = cls(UNITS, return_sequences=True, **kwargs)
+    layer.build((8, steps, FEATURES))
+    randomize(layer, rng)
+    for scale in (1.0, 2.0):
+        x = rng.normal(0.5, scale, (8, steps, FEATURES)).astype("float32")
+        layer(x, training=True)
+    return layer
+
+
+class StatefulTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("chunks_of_1", 1), ("chunks_of_7", 7),
+        ("chunks_longer_than_max_timesteps", 6),
+    )
+    def test_chunked_equals_whole_in_inference(self, chunk):
+        rng = np.random.default_rng(20)
+        base = trained_layer(keras_bn.BNLSTM, rng, 4)
+        w = named_weights(base)
+        # 13 steps, 4 kept rows: steps 3 to 12 use the last one.
+        stream = rng.normal(0.5, 2.0, (2, 13, FEATURES)).astype("float32")
+        whole = keras.ops.convert_to_numpy(base(stream))
+        layer = stateful_copy(base, 2)
+        parts = [
+            keras.ops.convert_to_numpy(layer(stream[:, i : i + chunk]))
+            for i in range(0, 13, chunk)
+        ]
+        self.assertAllClose(np.concatenate(parts, axis=1), whole, atol=1e-6)
+        self.assertEqual(int(keras.ops.convert_to_numpy(layer.time_index)), 13)
+        expected, (eh, ec) = reference_lstm(
+            stream, w, {}, layer_moving(base), training=False
+        )
+        self.assertAllClose(whole, expected, atol=2e-5, rtol=1e-4)
+        self.assertAllClose(layer.states[0], eh, atol=2e-5, rtol=1e-4)
+        self.assertAllClose(layer.states[1], ec, atol=2e-5, rtol=1e-4)
+
+    def test_reset_state_restarts_the_stream(self):
+        rng = np.random.default_rng(21)
+        base = trained_layer(keras_bn.BNLSTM, rng, 5)
+        layer = stateful_copy(base, 2)
+        x = rng.normal(0.5, 2.0, (2, 3, FEATURES)).astype("float32")
+        first = keras.ops.convert_to_numpy(layer(x))
+        second = keras.ops.convert_to_numpy(layer(x))
+        # The second call continues the stream: other states, other rows.
+        self.assertGreater(np.abs(second - first).max(), 1e-3)
+        layer.reset_state()
+        self.assertEqual(int(keras.ops.convert_to_numpy(layer.time_index)), 0)
+        for state in layer.states:
+            np.testing.assert_array_equal(state, 0.0)
+        self.assertAllClose(layer(x), first, atol=0, rtol=0)
+
+    @parameterized.named_parameters(
+        ("per_step", {}), ("shared_mask", {"statistics": "shared"})
+    )
+    def test_training_on_chunks_follows_the_stream(self, cfg):
+        rng = np.random.default_rng(22)
+        layer = keras_bn.BNLSTM(
+            UNITS, return_sequences=True, stateful=True, max_timesteps=5,
+            **cfg,
+        )
+        layer.build((8, None, FEATURES))
+        randomize(layer, rng)
+        w = named_weights(layer)
+        moving = reference_moving(
+            5, MOMENTUM, cfg.get("statistics", "per_step")
+        )
+        state, start = None, 0
+        for steps in (3, 4, 2):
+            x = rng.normal(start * 0.2, 1.0 + start, (8, steps, FEATURES))
+            mask = make_mask(rng, 8, steps) if cfg else None
+            outputs = layer(x.astype("float32"), training=True, mask=mask)
+            expected, state = reference_lstm(
+                x, w, cfg, moving, mask, state=state, start=start
+            )
+            self.assertAllClose(outputs, expected, atol=2e-5, rtol=1e-4)
+            assert_moving_statistics(self, layer, moving)
+            start += steps
+        # Rows 0 to 2 were updated once, rows 3 and 4 by the second chunk
+        # and row 4 by the third (it also serves every later step).
+        np.testing.assert_array_equal(
+            layer.cell.step_updates, [1, 1, 1, 1, 2]
+        )
+
+    @requires_tf
+    def test_jit_compiled_predict_carries_the_stream(self):
+        rng = np.random.default_rng(23)
+        base = trained_layer(keras_bn.BNLSTM, rng, 4)
+        stream = rng.normal(0.5, 2.0, (2, 9, FEATURES)).astype("float32")
+        whole = keras.ops.convert_to_numpy(base(stream))
+        inputs = keras.Input((None, FEATURES), batch_size=2)
+        layer = type(base).from_config(
+            {**base.get_config(), "stateful": True, "max_timesteps": 4}
+        )
+        model = keras.Model(inputs, layer(inputs))
+        layer.set_weights(base.get_weights())
+        model.compile(jit_compile=True)
+        parts = [model.predict_on_batch(stream[:, i : i + 2])
+                 for i in range(0, 9, 2)]
+        self.assertAllClose(np.concatenate(parts, axis=1), whole, atol=1e-5)
+
+    @parameterized.named_parameters(("training", True), ("inference", False))
+    def test_unroll_equals_loop(self, training):
+        rng = np.random.default_rng(24)
+        base = trained_layer(keras_bn.BNLSTM, rng, 4)
+        unrolled = type(base).from_config(
+            {**base.get_config(), "unroll": True, "max_timesteps": 4}
+        )
+        unrolled.build((8, 6, FEATURES))
+        unrolled.set_weights(base.get_weights())
+        x = rng.normal(0.5, 2.0, (8, 6, FEATURES)).astype("float32")
+        mask = make_mask(rng, 8, 6)
+        self.assertAllClose(
+            unrolled(x, training=training, mask=mask),
+            base(x, training=training, mask=mask), atol=1e-6,
+        )
+        for a, b in zip(unrolled.weights, base.weights):
+            self.assertAllClose(a, b, atol=1e-6, msg=a.name)
+
+
+def layer_moving(layer):
+    """`ReferenceStatistics` holding the layer's own moving statistics."""
+    cell = layer.cell
+    moving = {}
+    for term in ("input", "recurrent", "cell"):
+        mean, var = (
+            keras.ops.convert_to_numpy(getattr(cell, f"moving_{term}_{k}"))
+            .astype(np.float64) for k in ("mean", "variance")
+        )
+        statistics = ReferenceStatistics(*mean.shape, momentum=0.0)
+        statistics.sums = {"mean": mean, "var": var}
+        statistics.n[:] = 1
+        moving[term] = statistics
+    return moving
+
+
+CORE_LSTM_ARGUMENTS = {
+    "units": 5, "activation": "relu", "recurrent_activation": "hard_sigmoid",
+    "use_bias": False, "kernel_initializer": "he_normal",
+    "recurrent_initializer": "glorot_normal", "bias_initializer": "ones",
+    "unit_forget_bias": False, "kernel_regularizer": "l2",
+    "recurrent_regularizer": "l1", "bias_regularizer": "l1",
+    "activity_regularizer": "l2", "kernel_constraint": "non_neg",
+    "recurrent_constraint": "unit_norm", "bias_constraint": "max_norm",
+    "dropout": 0.1, "recurrent_dropout": 0.2, "seed": 3,
+    "return_sequences": True, "return_state": True, "go_backwards": True,
+    "stateful": True, "unroll": True, "use_cudnn": False,
+    "trainable": False, "name": "converted",
+}
+PROPERTIES = (
+    "units", "activation", "recurrent_activation", "use_bias",
+    "kernel_initializer", "recurrent_initializer", "bias_initializer",
+    "kernel_regularizer", "recurrent_regularizer", "bias_regularizer",
+    "kernel_constraint", "recurrent_constraint", "bias_constraint",
+    "dropout", "recurrent_dropout",
+)
+KERAS_BN_ARGUMENTS = {
+    "max_timesteps": 7, "momentum": 0.5, "epsilon": 1e-4,
+    "statistics": "shared", "input_gamma_initializer": 0.3,
+    "recurrent_gamma_initializer": "ones", "initial_state_noise": 0.1,
+}
+
+
+def serialized(value):
+    return keras.saving.serialize_keras_object(value)
+
+
+class CoreCompatibilityTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("default", keras.layers.LSTM, keras_bn.BNLSTM, {"units": 4}),
+        ("every_argument", keras.layers.LSTM, keras_bn.BNLSTM,
+         CORE_LSTM_ARGUMENTS),
+        ("gru_default", keras.layers.GRU, keras_bn.BNGRU, {"units": 4}),
+        ("gru_every_argument", keras.layers.GRU, keras_bn.BNGRU,
+         {**{k: v for k, v in CORE_LSTM_ARGUMENTS.items()
+             if k != "unit_forget_bias"}, "reset_after": True}),
+    )
+    def test_core_config_loads(self, core_cls, cls, kwargs):
+        core = core_cls(**kwargs)
+        config = core.get_config()
+        # Older files also carry `implementation`, which Keras 3 ignores.
+        layer = cls.from_config({**config, "implementation": 1})
+        revived = layer.get_config()
+        for key, value in config.items():
+            self.assertEqual(revived[key], value, key)
+        self.assertEqual(cls.from_config(revived).get_config(), revived)
+        for name in PROPERTIES + (("unit_forget_bias",)
+                                  if core_cls is keras.layers.LSTM else ()):
+            self.assertEqual(
+                serialized(getattr(layer, name)),
+                serialized(getattr(core, name)), name,
+            )
+        self.assertEqual(layer.stateful, core.stateful)
+        self.assertEqual(layer.unroll, core.unroll)
+        # The converted layer runs.
+        x = np.random.default_rng(25).normal(size=(2, 3, FEATURES))
+        outputs = layer(x.astype("float32"))
+        self.assertEqual(
+            tuple(keras.ops.shape(keras.tree.flatten(outputs)[0]))[-1],
+            kwargs["units"],
+        )
+
+    @parameterized.named_parameters(
+        ("lstm", keras_bn.BNLSTM), ("gru", keras_bn.BNGRU)
+    )
+    def test_properties_equal_arguments(self, cls):
+        arguments = {**CORE_LSTM_ARGUMENTS, **KERAS_BN_ARGUMENTS}
+        if cls is keras_bn.BNGRU:
+            arguments.pop("unit_forget_bias")
+        layer = cls(**arguments)
+        for name in PROPERTIES + tuple(KERAS_BN_ARGUMENTS):
+            expected = arguments[name]
+            if isinstance(expected, float) and name.endswith("initializer"):
+                # A float means a constant.
+                expected = keras.initializers.Constant(expected)
+            elif name.endswith(("initializer", "regularizer", "constraint")):
+                expected = getattr(
+                    keras, name.split("_")[-1] + "s"
+                ).get(expected)
+            elif name.endswith("activation"):
+                expected = keras.activations.get(expected)
+            self.assertEqual(
+                serialized(getattr(layer, name)), serialized(expected), name
+            )
+        with self.assertRaises(AttributeError):
+            layer.units = 2
+
+
+class ShapeErrorTest(test_case.LayerTestCase):
+    @parameterized.named_parameters(
+        ("batch", (5, 8), r"`mask` must have shape \(4, 8\).*inputs of "
+         r"shape \(4, 8, 4\)\. Received: mask.shape=\(5, 8\)"),
+        ("steps", (4, 7), r"`mask` must have shape \(4, 8\).*"
+         r"Received: mask.shape=\(4, 7\)"),
+        ("rank", (4, 8, 1), r"Received: mask.shape=\(4, 8, 1\)"),
+    )
+    def test_bad_mask(self, shape, message):
+        layer = keras_bn.BNLSTM(UNITS)
+        with self.assertRaisesRegex(ValueError, message):
+            layer(np.zeros((4, 8, FEATURES), "float32"),
+                  mask=np.ones(shape, bool))
+
+    def test_bad_initial_state(self):
+        layer = keras_bn.BNLSTM(UNITS)
+        with self.assertRaisesRegex(
+            ValueError,
+            r"`initial_state\[1\]` must have shape \(4, 3\).*Received: "
+            r"initial_state\[1\].shape=\(4, 2\)",
+        ):
+            layer(
+                np.zeros((4, 8, FEATURES), "float32"),
+                initial_state=[np.zeros((4, UNITS), "float32"),
+                               np.zeros((4, 2), "float32")],
+            )
+
+    def test_stateful_needs_its_batch_size(self):
+        with self.assertRaisesRegex(
+            ValueError, r"fixed batch size.*input_shape=\(None, 5, 4\)"
+        ):
+            keras.Sequential([
+                keras.Input((5, FEATURES)),
+                keras_bn.BNLSTM(UNITS, stateful=True),
+            ])
+        layer = keras_bn.BNLSTM(UNITS, stateful=True)
+        layer(np.zeros((2, 5, FEATURES), "float32"))
+        with self.assertRaisesRegex(
+            ValueError, r"batch size of 2.*inputs of shape \(3, 5, 4\)"
+        ):
+            layer(np.zeros((3, 5, FEATURES), "float32"))
+
+    def test_unroll_needs_known_steps(self):
+        with self.assertRaisesRegex(
+            ValueError, r"cannot unroll.*input_shape=\(None, None, 4\)"
+        ):
+            keras.Sequential([
+                keras.Input((None, FEATURES)),
+                keras_bn.BNLSTM(UNITS, unroll=True, max_timesteps=3),
+            ])
+
+    @parameterized.named_parameters(
+        ("use_cudnn", keras_bn.BNLSTM, {"use_cudnn": True},
+         r"`use_cudnn` must be 'auto' or False.*Received: use_cudnn=True"),
+        ("stateful", keras_bn.BNLSTM, {"stateful": 1},
+         "Received: stateful=1"),
+        ("reset_after", keras_bn.BNGRU, {"reset_after": False},
+         r"`reset_after` must be True.*Received: reset_after=False"),
+    )
+    def test_bad_core_arguments(self, cls, kwargs, message):
+        with self.assertRaisesRegex(ValueError, message):
+            cls(UNITS, **kwargs)

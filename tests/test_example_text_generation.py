@@ -1,16 +1,28 @@
-"""Tests of examples/text_generation.py, run as a user runs it."""
+"""Tests of examples/text_generation.py, run as a user runs it, and of its
+stateful sampler against a full-sequence pass."""
 
+import importlib.util
 import json
 import math
 import os
 import pathlib
 import tempfile
 
+import keras
+import numpy as np
 import pytest
 
+import keras_bn
 from tests import test_case
 
 SCRIPT = test_case.REPO / "examples" / "text_generation.py"
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("text_generation", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _run(*args, timeout=300):
@@ -61,3 +73,32 @@ def test_bad_input_exits_2_with_one_line():
             assert result.returncode == 2, (args, result.stderr[-2000:])
             assert message in result.stderr, (args, result.stderr)
             assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["BNLSTM", "LSTM"])
+def test_sampler_equals_a_full_sequence_pass(kind):
+    example = _example()
+    vocab = list("abcde ")
+    keras.utils.set_random_seed(0)
+    model = example.build(keras, keras_bn, kind, len(vocab), 8)
+    # Weights and BNLSTM statistics away from their initial values.
+    rng = np.random.default_rng(0)
+    model.set_weights(
+        [w + rng.normal(0.0, 0.3, w.shape).astype(w.dtype) * (w.ndim > 1)
+         for w in model.get_weights()]
+    )
+    ids = rng.integers(0, len(vocab), (16, 12))
+    model(ids, training=True)
+    prompt, length, temperature, seed = "bad cab", 12, 0.7, 3
+    text = example.sample(model, vocab, prompt, length, temperature, seed)
+    # The reference: the whole text so far through the model, every step.
+    index = {c: i for i, c in enumerate(vocab)}
+    expected = [index[c] for c in prompt]
+    draw = np.random.default_rng(seed)
+    for _ in range(length):
+        logits = keras.ops.convert_to_numpy(
+            model(np.array([expected]), training=False)
+        )[0, -1]
+        expected.append(example.next_id(logits, temperature, draw))
+    assert text == "".join(vocab[i] for i in expected)
+    assert len(text) == len(prompt) + length
