@@ -211,3 +211,12 @@ class BNGRU(_BNRecurrent):
 
     cell_class = BNGRUCell
     cell_name = "bngru_cell"
+    positional_arguments = (
+        "activation", "recurrent_activation", "use_bias",
+        "kernel_initializer", "recurrent_initializer", "bias_initializer",
+        "kernel_regularizer", "recurrent_regularizer", "bias_regularizer",
+        "activity_regularizer", "kernel_constraint", "recurrent_constraint",
+        "bias_constraint", "dropout", "recurrent_dropout", "seed",
+        "return_sequences", "return_state", "go_backwards", "stateful",
+        "unroll", "reset_after", "use_cudnn",
+    )

@@ -714,8 +714,29 @@ class _BNRecurrent(layers.Layer):
 
     cell_class = None
     cell_name = None
+    # The order in which core's layer takes its arguments after `units`,
+    # so that positional calls move over with the class name.
+    positional_arguments = ()
 
-    def __init__(
+    def __init__(self, units, *args, **kwargs):
+        if len(args) > len(self.positional_arguments):
+            raise TypeError(
+                f"{type(self).__name__} takes at most "
+                f"{len(self.positional_arguments) + 1} positional arguments "
+                f"(units, then {', '.join(self.positional_arguments)}), as "
+                f"core Keras's layer does. Received: {len(args) + 1}"
+            )
+        for name, value in zip(self.positional_arguments, args):
+            if name in kwargs:
+                raise TypeError(
+                    f"{type(self).__name__} got argument `{name}` both by "
+                    f"position and by keyword. Received: {name}={value!r} "
+                    f"and {name}={kwargs[name]!r}"
+                )
+            kwargs[name] = value
+        self._set_up(units, **kwargs)
+
+    def _set_up(
         self,
         units,
         *,
@@ -1164,6 +1185,15 @@ class BNLSTM(_BNRecurrent):
 
     cell_class = BNLSTMCell
     cell_name = "bnlstm_cell"
+    positional_arguments = (
+        "activation", "recurrent_activation", "use_bias",
+        "kernel_initializer", "recurrent_initializer", "bias_initializer",
+        "unit_forget_bias", "kernel_regularizer", "recurrent_regularizer",
+        "bias_regularizer", "activity_regularizer", "kernel_constraint",
+        "recurrent_constraint", "bias_constraint", "dropout",
+        "recurrent_dropout", "seed", "return_sequences", "return_state",
+        "go_backwards", "stateful", "unroll", "use_cudnn",
+    )
 
 
 def _cell_kwargs(kwargs):

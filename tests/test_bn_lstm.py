@@ -6,6 +6,7 @@ layer's documented rules (per-step statistics, the last kept step for later
 steps, bias-corrected moving averages), not from the layer's code.
 """
 
+import inspect
 import os
 import tempfile
 
@@ -955,6 +956,30 @@ class CoreCompatibilityTest(test_case.LayerTestCase):
             tuple(keras.ops.shape(keras.tree.flatten(outputs)[0]))[-1],
             kwargs["units"],
         )
+
+    @parameterized.named_parameters(
+        ("lstm", keras.layers.LSTM, keras_bn.BNLSTM),
+        ("gru", keras.layers.GRU, keras_bn.BNGRU),
+    )
+    def test_positional_arguments_follow_core(self, core_cls, cls):
+        # Every argument by position, in core's order, as core takes them.
+        names = [
+            name for name in inspect.signature(core_cls.__init__).parameters
+            if name not in ("self", "kwargs")
+        ]
+        arguments = {**CORE_LSTM_ARGUMENTS, "reset_after": True}
+        values = [arguments.get(name) for name in names]
+        values[names.index("use_cudnn")] = False
+        layer = cls(*values)
+        core = core_cls(*values)
+        config = layer.get_config()
+        for key, value in core.get_config().items():
+            if key not in ("name", "use_cudnn"):
+                self.assertEqual(config[key], value, key)
+        with self.assertRaisesRegex(TypeError, "activation='relu'"):
+            cls(4, "relu", activation="tanh")
+        with self.assertRaisesRegex(TypeError, "at most"):
+            cls(*values, None)
 
     @parameterized.named_parameters(
         ("lstm", keras_bn.BNLSTM), ("gru", keras_bn.BNGRU)

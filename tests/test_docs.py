@@ -234,19 +234,10 @@ class DocsTest(parameterized.TestCase):
         reason="the browser check needs Chromium (apt-get install chromium)",
     )
     @parameterized.named_parameters(
-        (
-            os.path.basename(page)[:-3],
-            _html_page(page),
-            # Its code blocks come from examples/README.md, where command
-            # lines with comments run past the page (issue 17).
-            os.path.basename(page) == "examples.md",
-        )
-        for page in PAGES
+        (os.path.basename(page)[:-3], _html_page(page)) for page in PAGES
     )
-    def test_page_fits_1280_pixels(self, page, known_overflow):
+    def test_page_fits_1280_pixels(self, page):
         found = _overflow(_built_site(), page)
-        if known_overflow and found:
-            pytest.xfail(f"known overflow: {found}")
         self.assertEqual(found, [], f"{page} at 1280 pixels")
 
     def test_api_page_covers_every_public_name(self):
