@@ -150,9 +150,8 @@ def choose(call):
     small = call.elements is not None and call.elements < XLA_MIN_ELEMENTS
     if call.dtype in ("float32", "float64") and not small:
         if problems:
-            return Path(XLA, "on a CPU the XLA kernel serves what "
-                        + _cannot_fuse(problems)[0].lower()
-                        + _cannot_fuse(problems)[1:])
+            return Path(XLA, "on a CPU the XLA kernel serves the call; "
+                        + _cannot_fuse(problems))
         if not call.onednn:
             return Path(XLA, "oneDNN is off: the XLA kernel is faster than "
                         "Eigen's fused kernel on a CPU")
@@ -244,13 +243,9 @@ def _refuse(argument, call, problems, kernel):
     )
 
 
+@functools.cache
 def device():
     """The kind of device TensorFlow computes on: cpu, gpu or tpu."""
-    return _tensorflow_device()
-
-
-@functools.cache
-def _tensorflow_device():
     import tensorflow as tf
 
     for kind in ("TPU", "GPU"):
@@ -279,8 +274,8 @@ def xla_compiling():
     return tf.__internal__.get_enclosing_xla_context() is not None
 
 
-def available_paths(dtype="float32"):
-    """The paths a training call of `dtype` can take here, forced or not.
+def available_paths():
+    """The paths a float32 training call can take here, forced or not.
 
     On TensorFlow all three (`"xla"` and `"fused"` when asked for); on
     other backends `"ops"` alone.
@@ -289,6 +284,4 @@ def available_paths(dtype="float32"):
 
     if backend.backend() != "tensorflow":
         return (OPS,)
-    if dtype not in FUSED_DTYPES:
-        return (OPS, XLA)
     return PATHS
