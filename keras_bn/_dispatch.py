@@ -43,7 +43,7 @@ FUSED_MIN_EPSILON = 1.001e-5
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 HALF_DTYPES = ("float16", "bfloat16")
 # Below this many elements a step gains less from the XLA kernel than the
-# kernel's compilation costs (about 0.1 s per shape) over thousands of
+# kernel's compilation costs over thousands of
 # steps, so `fused=None` leaves such calls to the other paths.
 XLA_MIN_ELEMENTS = 2**20
 
