@@ -17,12 +17,13 @@ Usage:
         XLA_FLAGS may set how many virtual CPU devices exist; with it, one
         of two processes joined by `jax.distributed` on 127.0.0.1:PORT,
         with DEVICES local CPU devices, feeding its half of the batch)
-    python distributed_worker.py torch DATA.npz OUT.npz [PORT RANK]
+    python distributed_worker.py torch DATA.npz OUT.npz [PORT RANK [DDP]]
         (KERAS_BACKEND=torch, a custom loop with torch autograd and a Keras
         optimizer. Without PORT, one process on the global batch; with it,
         rank RANK of a two-process gloo group whose store is on
         127.0.0.1:PORT, feeding its half of the batch and summing the
-        gradients itself)
+        gradients itself, or with DDP=1 leaving that to
+        DistributedDataParallel around the model)
 
 TensorFlow is imported only in the TensorFlow modes (keras_bn itself may
 still import it where it is installed).
@@ -57,6 +58,19 @@ def build_model(keras, keras_bn, data):
             keras.layers.Dense(1),
         ]
     )
+    model.set_weights(list(data["weights"]))
+    return model
+
+
+def build_masked_model(keras, keras_bn, data):
+    """`build_model` as a functional model whose second input is the mask."""
+    x_in = keras.Input(data["x"].shape[1:])
+    mask_in = keras.Input(data["mask"].shape[1:], dtype="bool")
+    hidden = keras.layers.Dense(4)(x_in)
+    hidden = build_layer(keras_bn, data)(
+        hidden, mask=mask_in if int(data["masked"]) else None
+    )
+    model = keras.Model([x_in, mask_in], keras.layers.Dense(1)(hidden))
     model.set_weights(list(data["weights"]))
     return model
 
@@ -144,15 +158,7 @@ def run_jax(data, port=None, index=0, local_devices=1):
             auto_shard_dataset=False,
         )
     )
-    x_in = keras.Input(data["x"].shape[1:])
-    mask_in = keras.Input(data["mask"].shape[1:], dtype="bool")
-    hidden = keras.layers.Dense(4)(x_in)
-    masked = int(data["masked"])
-    hidden = build_layer(keras_bn, data)(
-        hidden, mask=mask_in if masked else None
-    )
-    model = keras.Model([x_in, mask_in], keras.layers.Dense(1)(hidden))
-    model.set_weights(list(data["weights"]))
+    model = build_masked_model(keras, keras_bn, data)
     model.compile(optimizer=keras.optimizers.SGD(0.01), loss="mse")
     x, y, mask = (shard(data[k], index, processes) for k in ("x", "y", "mask"))
     model.fit(
@@ -167,7 +173,7 @@ def run_jax(data, port=None, index=0, local_devices=1):
     return weights + [len(jax.devices())]
 
 
-def run_torch(data, port=None, rank=0):
+def run_torch(data, port=None, rank=0, ddp=0):
     import torch
     from torch import distributed
 
@@ -198,28 +204,39 @@ def run_torch(data, port=None, rank=0):
 
     import keras_bn
 
-    model = build_model(keras, keras_bn, data)
+    x, y, mask = (
+        keras.ops.convert_to_tensor(shard(data[k], rank, processes))
+        for k in ("x", "y", "mask")
+    )
+    if ddp:
+        model = build_masked_model(keras, keras_bn, data)
+        wrapped = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        model = build_model(keras, keras_bn, data)
+        mask = mask if int(data["masked"]) else None
     variables = model.trainable_variables
     optimizer = keras.optimizers.SGD(0.01)
     optimizer.build(variables)
-    x, y = (
-        keras.ops.convert_to_tensor(shard(data[k], rank, processes))
-        for k in ("x", "y")
-    )
-    mask = local_mask(data)
-    if mask is not None:
-        mask = keras.ops.convert_to_tensor(shard(mask, rank, processes))
+    # The sum of the processes' losses is the global batch's.
+    scale = 1.0 / len(data["x"])
+    if ddp:
+        scale *= processes  # DistributedDataParallel averages gradients
+    first_output = None
     for step in range(STEPS):
         for v in variables:
             v.value.grad = None
-        hidden = model.layers[1](model.layers[0](x), training=True, mask=mask)
-        if step == 0:
-            first_output = keras.ops.convert_to_numpy(hidden)
-        pred = model.layers[2](hidden)
-        loss = torch.sum(torch.square(pred - y)) / len(data["x"])
+        if ddp:
+            pred = wrapped([x, mask], training=True)
+        else:
+            hidden = model.layers[0](x)
+            hidden = model.layers[1](hidden, training=True, mask=mask)
+            if step == 0:
+                first_output = keras.ops.convert_to_numpy(hidden)
+            pred = model.layers[2](hidden)
+        loss = torch.sum(torch.square(pred - y)) * scale
         loss.backward()
         grads = [v.value.grad for v in variables]
-        if processes > 1:
+        if processes > 1 and not ddp:
             for grad in grads:
                 distributed.all_reduce(grad)
         with torch.no_grad():
@@ -227,7 +244,7 @@ def run_torch(data, port=None, rank=0):
     weights = [keras.ops.convert_to_numpy(v) for v in model.weights]
     if processes > 1:
         distributed.destroy_process_group()
-    return weights + [first_output]
+    return weights + ([] if first_output is None else [first_output])
 
 
 def main():

@@ -3,11 +3,12 @@
 TensorFlow's MultiWorkerMirroredStrategy (two worker processes), JAX's
 keras.distribution DataParallel (one process with four devices, and two
 processes joined by `jax.distributed`) and a two-process gloo
-`torch.distributed` group. Each case runs `tests/distributed_worker.py` in
-fresh processes on 127.0.0.1 (a strategy, device count or process group
-must be set before the framework starts), bounded by a timeout and killed
-if still running, and compares the trained weights, moving statistics
-included, with a one-process run on the whole global batch.
+`torch.distributed` group (a custom loop, and DistributedDataParallel).
+Each case runs `tests/distributed_worker.py` in fresh processes on
+127.0.0.1 (a strategy, device count or process group must be set before
+the framework starts), bounded by a timeout and killed if still running,
+and compares the trained weights, moving statistics included, with a
+one-process run on the whole global batch.
 """
 
 import importlib.util
@@ -273,6 +274,34 @@ def test_torch_distributed_equals_global_batch(masked, virtual_batch_size):
             )
         for got in ranks:
             _assert_all_close(got, expected)
+        assert not np.allclose(expected[4], _initial_weights(data)[4])
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(_missing("torch"), reason="torch is not installed")
+def test_torch_distributed_data_parallel_equals_global_batch():
+    # The same with DistributedDataParallel around the Keras model: it
+    # averages the gradients, and the layer all-reduces the statistics.
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _data(tmp, 4)
+        (port,) = _free_ports(1)
+        env = _env(KERAS_BACKEND="torch", GLOO_SOCKET_IFNAME="lo")
+        processes = [
+            _run(
+                ["torch", data, os.path.join(tmp, f"rank{i}.npz"),
+                 str(port), str(i), "1"],
+                env,
+            )
+            for i in range(2)
+        ]
+        single = os.path.join(tmp, "single.npz")
+        processes.append(_run(["torch", data, single], env))
+        _wait(processes)
+        expected = _load(single)[:-1]
+        for i in range(2):
+            _assert_all_close(
+                _load(os.path.join(tmp, f"rank{i}.npz")), expected
+            )
         assert not np.allclose(expected[4], _initial_weights(data)[4])
 
 
