@@ -305,6 +305,26 @@ def test_torch_distributed_data_parallel_equals_global_batch():
         assert not np.allclose(expected[4], _initial_weights(data)[4])
 
 
+@pytest.mark.slow
+def test_synchronized_refused_where_nothing_synchronizes():
+    # The NumPy backend has no distributed engine and no training.
+    script = (
+        "import keras_bn\n"
+        "try:\n"
+        "    keras_bn.BatchNormalization(synchronized=True)\n"
+        "except ValueError as error:\n"
+        "    print(error)\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=_env(KERAS_BACKEND="numpy"),
+        capture_output=True, text=True, timeout=TIMEOUT,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Received: synchronized=True with the numpy backend" in (
+        result.stdout
+    ), result.stdout
+
+
 def _sequence_model(layer):
     return keras.Sequential(
         [
