@@ -1,8 +1,9 @@
 """A worker for tests/test_distributed.py; run as a script, never imported.
 
-Trains a small model with synchronized `keras_bn.BatchNormalization` for a
-few steps and saves the final weights (moving statistics included). Every
-distributed mode has a one-process reference run on the global batch.
+Trains a small model with a synchronized `keras_bn.BatchNormalization` (or
+`BatchRenormalization`) for a few steps and saves the final weights
+(moving statistics included). Every distributed mode has a one-process
+reference run on the global batch.
 
 Usage:
     python distributed_worker.py multiworker DATA.npz OUT.npz
@@ -42,11 +43,36 @@ TIMEOUT_S = 60
 
 
 def build_layer(keras_bn, data):
-    return keras_bn.BatchNormalization(
+    kwargs = dict(
         synchronized=True,
         momentum=0.5,
         virtual_batch_size=int(data["virtual_batch_size"]) or None,
     )
+    if int(data["renorm"]):
+        return keras_bn.BatchRenormalization(
+            renorm_clipping={"rmax": 2.0, "dmax": 1.0},
+            renorm_momentum=0.5,
+            **kwargs,
+        )
+    return keras_bn.BatchNormalization(**kwargs)
+
+
+def set_initial_weights(model, data):
+    """The weights of `data`: two dense layers around the normalization.
+
+    They are laid out as a `keras_bn.BatchNormalization` model's; batch
+    renormalization takes its `gamma` and `beta` and keeps its own
+    initial statistics.
+    """
+    weights = list(data["weights"])
+    if not int(data["renorm"]):
+        model.set_weights(weights)
+        return
+    first, norm, last = (layer for layer in model.layers if layer.weights)
+    first.set_weights(weights[:2])
+    norm.gamma.assign(weights[2])
+    norm.beta.assign(weights[3])
+    last.set_weights(weights[-2:])
 
 
 def build_model(keras, keras_bn, data):
@@ -58,7 +84,7 @@ def build_model(keras, keras_bn, data):
             keras.layers.Dense(1),
         ]
     )
-    model.set_weights(list(data["weights"]))
+    set_initial_weights(model, data)
     return model
 
 
@@ -71,7 +97,7 @@ def build_masked_model(keras, keras_bn, data):
         hidden, mask=mask_in if int(data["masked"]) else None
     )
     model = keras.Model([x_in, mask_in], keras.layers.Dense(1)(hidden))
-    model.set_weights(list(data["weights"]))
+    set_initial_weights(model, data)
     return model
 
 
