@@ -64,8 +64,9 @@ class Call:
         last_axis_only: Whether the layer normalizes the last axis alone.
         epsilon: The layer's epsilon.
         synchronizing: Whether cross-replica synchronization is in
-            progress (a synchronized layer inside a `tf.distribute` replica
-            context with more than one replica).
+            progress (a synchronized layer in training inside a
+            `tf.distribute` replica context with more than one replica, or
+            with a `torch.distributed` group of more than one process).
         training: Whether the call normalizes with batch statistics.
         xla_compiling: Whether the call is traced for XLA (`jit_compile`).
         fused: What the layer asked for: `None`, `True` or `False`.

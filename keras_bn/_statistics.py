@@ -14,6 +14,8 @@ Conventions:
   never written into a moving average.
 """
 
+import functools
+
 import numpy as np
 from keras import backend
 from keras import ops
@@ -25,31 +27,93 @@ def statistics_dtype(dtype):
 
 
 def replica_context():
-    """The TensorFlow replica context when there is more than one replica.
+    """The group a synchronized layer reduces over, or `None`.
 
-    Returns `None` outside `tf.distribute` (or with a single replica) and on
-    backends other than TensorFlow: there, arrays are global (JAX's
-    `keras.distribution` shards one array across devices), so the reductions
-    below already see the whole batch.
+    On TensorFlow, the `tf.distribute` replica context when it has more
+    than one replica; on PyTorch, the default `torch.distributed` process
+    group when it is initialized with more than one process (one replica
+    per process, as `torch.nn.SyncBatchNorm` assumes). `None` everywhere
+    else, JAX included: under `keras.distribution` one array spans every
+    device and process, so the reductions below already see the whole
+    batch.
     """
-    if backend.backend() != "tensorflow":
-        return None
-    import tensorflow as tf
+    name = backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
 
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return None
-    return ctx
+        ctx = tf.distribute.get_replica_context()
+        if ctx is None or ctx.num_replicas_in_sync == 1:
+            return None
+        return ctx
+    if name == "torch":
+        from torch import distributed
+
+        if (
+            distributed.is_available()
+            and distributed.is_initialized()
+            and distributed.get_world_size() > 1
+        ):
+            return distributed.group.WORLD
+    return None
 
 
 def cross_replica_sum(tensors):
-    """Sums each tensor of the list over all replicas (one collective)."""
+    """Sums each tensor of the list over all replicas (one collective).
+
+    Differentiable: the gradient of each replica's input is the sum of the
+    gradients that reach the result on every replica.
+    """
     ctx = replica_context()
     if ctx is None:
         return tensors
+    if backend.backend() == "torch":
+        return _torch_all_reduce_sum(tensors)
     import tensorflow as tf
 
     return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tensors)
+
+
+def _torch_all_reduce_sum(tensors):
+    """`cross_replica_sum` over the default `torch.distributed` group."""
+    import torch
+
+    flat = torch.cat([torch.reshape(t, (-1,)) for t in tensors])
+    flat = _torch_all_reduce()(flat)
+    sizes = [t.numel() for t in tensors]
+    return [
+        torch.reshape(part, t.shape)
+        for part, t in zip(torch.split(flat, sizes), tensors)
+    ]
+
+
+@functools.cache
+def _torch_all_reduce():
+    """A differentiable all-reduce sum over the default process group.
+
+    `torch.distributed.nn.functional.all_reduce` does the same, but torch
+    2.13 deprecates it (a `FutureWarning`) in favour of a private module;
+    like `torch.nn.SyncBatchNorm`, keras_bn writes its own autograd
+    function instead.
+    """
+    import torch
+    from torch import distributed
+
+    class AllReduceSum(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            x = x.clone(memory_format=torch.contiguous_format)
+            distributed.all_reduce(x)
+            return x
+
+        @staticmethod
+        def backward(ctx, grad):
+            # Every process reads the sum, so each summand's gradient is
+            # the sum of the gradients of all the processes.
+            grad = grad.clone(memory_format=torch.contiguous_format)
+            distributed.all_reduce(grad)
+            return grad
+
+    return AllReduceSum.apply
 
 
 def _element_count(x, axes):
@@ -66,15 +130,16 @@ def moments(x, axes, mask=None, synchronized=False):
 
     Two passes (mean, then mean squared deviation), which keeps float32
     accurate when the mean is large against the standard deviation. With
-    `synchronized=True` under `tf.distribute`, each pass is reduced across
-    replicas, so every replica gets the statistics of the global batch.
+    `synchronized=True` under `tf.distribute` or `torch.distributed`
+    (`replica_context`), each pass is reduced across replicas, so every
+    replica gets the statistics of the global batch.
 
     Args:
         x: Tensor, already in `statistics_dtype`.
         axes: List of the axes to reduce.
         mask: Optional tensor broadcastable to `x`; elements where it is zero
             are left out of the statistics.
-        synchronized: Whether to reduce across `tf.distribute` replicas.
+        synchronized: Whether to reduce across replicas.
 
     Returns:
         `(mean, variance, count)`, each with `keepdims=True`; `count` is a
@@ -170,7 +235,7 @@ def combine_ghosts(mean, variance, count, synchronized=False):
     Args:
         mean, variance, count: Per-ghost statistics from `moments`, with the
             ghost axis first.
-        synchronized: Whether to average across `tf.distribute` replicas.
+        synchronized: Whether to average across replicas.
 
     Returns:
         `(mean, variance, valid)` without the ghost axis; `valid` holds the

@@ -96,15 +96,20 @@ class BatchNormalization(layers.Layer):
         beta_constraint: Optional constraint for `beta`. Defaults to `None`.
         gamma_constraint: Optional constraint for `gamma`. Defaults to
             `None`.
-        synchronized: If `True`, under a `tf.distribute` strategy every
-            replica normalizes with the statistics of the global batch (the
-            per-replica sums are reduced across replicas, masks included).
-            If `False`, each replica uses its own batch's statistics and the
-            moving statistics receive the mean of the replicas' updates.
-            With ghost batches, the groups are formed within each replica
-            and only the moving-statistics update is synchronized. On the
-            JAX backend arrays are global, so statistics always cover the
-            whole batch; other backends do not accept `True`. Defaults to
+        synchronized: If `True`, in training every replica normalizes
+            with the statistics of the global batch: under a `tf.distribute`
+            strategy (replicas) or an initialized `torch.distributed`
+            process group (one replica per process, as
+            `torch.nn.SyncBatchNorm`), the per-replica sums are all-reduced,
+            masks included, and gradients flow through the reduction. If
+            `False`, each replica uses its own batch's statistics (on
+            TensorFlow the moving statistics receive the mean of the
+            replicas' updates). With ghost batches, the groups are formed
+            within each replica and only the moving-statistics update is
+            synchronized. On the JAX backend, under `keras.distribution`
+            (one process or several), arrays are global, so statistics
+            always cover the whole batch and `True` changes nothing. The
+            NumPy and OpenVINO backends do not accept `True`. Defaults to
             `False`.
         virtual_batch_size: Positive integer, the size of the ghost batches
             that training statistics are computed over, or `None` to use the
@@ -238,10 +243,13 @@ class BatchNormalization(layers.Layer):
                 "renorm=True"
             )
         synchronized = _validation.boolean("synchronized", synchronized)
-        if synchronized and backend.backend() not in ("tensorflow", "jax"):
+        if synchronized and backend.backend() not in (
+            "tensorflow", "jax", "torch"
+        ):
             raise ValueError(
-                "Argument `synchronized=True` needs the TensorFlow or JAX "
-                f"backend. Received: synchronized={synchronized!r} with the "
+                "Argument `synchronized=True` needs the TensorFlow, JAX or "
+                "PyTorch backend. Received: "
+                f"synchronized={synchronized!r} with the "
                 f"{backend.backend()} backend"
             )
         self.synchronized = synchronized

@@ -99,9 +99,10 @@ class BatchRenormalization(BatchNormalization):
         renorm_momentum: Float in `[0, 1)`, the decay of `renorm_mean` and
             `renorm_stddev`, the statistics `r` and `d` are computed
             against. Defaults to `0.99`.
-        synchronized: If `True`, under a `tf.distribute` strategy every
-            replica uses the global batch's statistics, as in
-            `keras_bn.BatchNormalization`. Defaults to `False`.
+        synchronized: If `True`, under a `tf.distribute` strategy or
+            `torch.distributed` every replica uses the global batch's
+            statistics, as in `keras_bn.BatchNormalization`. Defaults to
+            `False`.
         virtual_batch_size: Positive integer, the size of the ghost batches
             (each with its own `r` and `d`), or `None`. Defaults to `None`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
