@@ -14,6 +14,7 @@ from keras import saving
 from keras_bn import _dispatch
 from keras_bn import _kernels
 from keras_bn import _statistics
+from keras_bn import _torch_kernels
 from keras_bn import _validation
 
 
@@ -255,8 +256,8 @@ class BatchNormalization(layers.Layer):
         if self.xla_kernel and self.fused is not None:
             raise ValueError(
                 "Argument `xla_kernel=True` asks for the XLA kernel, which "
-                "`fused` rules out: `fused=True` asks for TensorFlow's kernel "
-                "and `fused=False` for no kernel. Received: "
+                "`fused` rules out: `fused=True` asks for the backend's fused "
+                "kernel and `fused=False` for no kernel. Received: "
                 f"fused={fused!r}, xla_kernel={xla_kernel!r}"
             )
         self.supports_masking = True
@@ -344,6 +345,8 @@ class BatchNormalization(layers.Layer):
             outputs = self._train_step(inputs, mask, path.name)
         elif path.name == _dispatch.FUSED:
             outputs = self._fused_inference(inputs)
+        elif path.name == _dispatch.TORCH:
+            outputs = self._torch_inference(inputs)
         else:
             x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
             scale, offset = self._affine(
@@ -425,11 +428,13 @@ class BatchNormalization(layers.Layer):
                 self._axes == [rank - 1],
                 self.virtual_batch_size is not None,
                 self.epsilon,
+                self._adjacent_axes(),
             )
             if problems:
                 raise ValueError(
-                    "Argument `fused=True` asks for TensorFlow's fused "
-                    "kernel, which cannot serve this layer: "
+                    "Argument `fused=True` asks for "
+                    f"{_dispatch.fused_kernel(backend_name)}, which cannot "
+                    "serve this layer: "
                     f"{'; '.join(problems)}. Use `fused=None` to let "
                     "keras_bn choose. Received: fused=True, "
                     f"axis={self.axis!r}, "
@@ -469,7 +474,12 @@ class BatchNormalization(layers.Layer):
             xla_compiling=on_tensorflow and _dispatch.xla_compiling(),
             fused=self.fused,
             xla_kernel=self.xla_kernel,
+            adjacent_axes=self._adjacent_axes(),
         )
+
+    def _adjacent_axes(self):
+        """Whether the normalized axes are one run of adjacent axes."""
+        return sum(normalized for normalized, _ in self._view_groups) == 1
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -485,6 +495,8 @@ class BatchNormalization(layers.Layer):
         """Normalizes with batch statistics and updates the moving ones."""
         if path == _dispatch.FUSED:
             return self._fused_training(inputs)
+        if path == _dispatch.TORCH:
+            return self._torch_training(inputs)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
         batch_size = ops.shape(x)[0]
         ghosts = self.virtual_batch_size is not None
@@ -556,6 +568,41 @@ class BatchNormalization(layers.Layer):
             self.epsilon,
         )
         return ops.reshape(y, ops.shape(inputs))
+
+    def _torch_training(self, inputs):
+        """The training step through PyTorch's kernel."""
+        dtype = _statistics.statistics_dtype(inputs.dtype)
+        y, mean, variance, count = _torch_kernels.training(
+            inputs,
+            *self._channel_span(),
+            self.epsilon,
+            lambda mean, variance: self._normalized_affine(
+                mean, variance, lambda w: ops.reshape(ops.cast(w, dtype), -1)
+            ),
+            self._affine_uses_statistics,
+        )
+        self._update_moving_statistics(
+            self._to_param_shape(mean), self._to_param_shape(variance), count
+        )
+        return y
+
+    def _torch_inference(self, inputs):
+        """The inference call through PyTorch's kernel."""
+        dtype = _statistics.statistics_dtype(inputs.dtype)
+        vectors = [
+            None if w is None else ops.reshape(ops.cast(w, dtype), -1)
+            for w in (
+                self.gamma, self.beta, self.moving_mean, self.moving_variance
+            )
+        ]
+        return _torch_kernels.inference(
+            inputs, *self._channel_span(), *vectors, self.epsilon
+        )
+
+    def _channel_span(self):
+        """`(start, stop)`: the normalized axes are `start` to `stop - 1`
+        (PyTorch's kernel serves only adjacent ones)."""
+        return self._axes[0], self._axes[-1] + 1
 
     def _batch_affine(self, mean, variance):
         """`(scale, offset)` of the `keras.ops` training path.
