@@ -110,15 +110,19 @@ class BatchNormalization(layers.Layer):
         virtual_batch_size: Positive integer, the size of the ghost batches
             that training statistics are computed over, or `None` to use the
             whole batch. Defaults to `None`.
-        fused: Whether TensorFlow's fused batch-normalization kernel runs
-            (cuDNN on a GPU, oneDNN or Eigen on a CPU), as Keras's
-            `LSTM(use_cudnn=...)`: `None` lets keras_bn choose the fastest
-            path for each call; `True` runs TensorFlow's kernel, or raises a
-            `ValueError` that says why it cannot (at build time for the
-            backend, axes, ghost batches or `epsilon < 1.001e-5`; at call
-            time for a mask or float64 in training, or synchronization in
-            progress); `False` runs no kernel, only the `keras.ops` code.
-            The results are the same on every path, up to float rounding;
+        fused: Whether the backend's fused batch-normalization kernel runs,
+            as Keras's `LSTM(use_cudnn=...)`: on TensorFlow its fused
+            kernel (cuDNN on a GPU, oneDNN or Eigen on a CPU), on torch
+            PyTorch's `torch.native_batch_norm`; JAX has none. `None` lets
+            keras_bn choose the fastest path for each call; `True` runs the
+            kernel, or raises a `ValueError` that says why it cannot (at
+            build time for the backend, ghost batches, and on TensorFlow
+            axes other than the last alone or `epsilon < 1.001e-5`, on
+            torch axes that are not adjacent; at call time for a mask in
+            training, synchronization in progress, on TensorFlow float64 in
+            training, on torch an empty training batch); `False` runs no
+            kernel, only the `keras.ops` code. The results are the same on
+            every path, up to float rounding;
             `layer.normalization_path(x, training=True)` tells which path a
             call takes and why (docs/performance.md lists the rules).
             Defaults to `None`.
@@ -362,12 +366,13 @@ class BatchNormalization(layers.Layer):
         """The path a call with `inputs` takes, and why.
 
         keras_bn normalizes through its `keras.ops` code (`"ops"`),
-        TensorFlow's fused kernel (`"fused"`) or an XLA-compiled kernel
-        (`"xla"`), with the same results up to float rounding; one
-        function chooses, from the backend, the device, oneDNN, the
-        input's dtype and size, the mask, ghost batches, the axes, whether
-        synchronization is in progress, training, XLA compilation and the
-        layer's `fused` and `xla_kernel` arguments. This asks it, outside
+        TensorFlow's fused kernel (`"fused"`), an XLA-compiled kernel
+        (`"xla"`) or, on torch, PyTorch's kernel (`"torch"`), with the
+        same results up to float rounding; one function chooses, from
+        the backend, the device, oneDNN, the input's dtype and size, the
+        mask, ghost batches, the axes, whether synchronization is in
+        progress, training, XLA compilation and the layer's `fused` and
+        `xla_kernel` arguments. This asks it, outside
         any `tf.function`: a call traced for XLA (`jit_compile=True`) may
         take another path.
 
@@ -377,8 +382,8 @@ class BatchNormalization(layers.Layer):
             mask: Optional mask, as `call` takes it.
 
         Returns:
-            A `Path` with `.name` (`"ops"`, `"fused"` or `"xla"`) and
-            `.reason`, a sentence.
+            A `Path` with `.name` (`"ops"`, `"fused"`, `"xla"` or
+            `"torch"`) and `.reason`, a sentence.
 
         Raises:
             ValueError: If `fused=True` or `xla_kernel=True` cannot serve
