@@ -1,7 +1,7 @@
 """Which path a batch-normalization call runs, and why.
 
 Every batch-normalization layer of keras_bn computes the same numbers
-through one of three paths:
+through one of four paths:
 
 - `"ops"`: the layer's own `keras.ops` code (the math in `_statistics`).
   It runs on every backend and in every configuration; the others are
@@ -14,6 +14,11 @@ through one of three paths:
 - `"xla"`: a small XLA-compiled kernel (moments, normalization and its
   gradient) that TensorFlow calls from an ordinary graph, for training on
   a CPU: it serves any axes, masks and ghost batches, and float64.
+- `"torch"`: PyTorch's batch-normalization kernel
+  (`torch.native_batch_norm`, in `_torch_kernels`) on the torch backend,
+  in training and inference. It normalizes one axis, or one run of
+  adjacent axes taken as one, without a mask or ghost batches, for
+  float16, bfloat16, float32 and float64 inputs.
 
 `choose` is the only place that picks one. The layers call it with the
 facts of a call (`Call`); it returns a `Path` with the reason, or raises
@@ -21,8 +26,9 @@ the `ValueError` that a request the call cannot honour deserves. The
 layers expose it as `layer.normalization_path(inputs, training, mask)`.
 
 What a layer asks for follows Keras 3's `LSTM(use_cudnn=...)`:
-`fused=None` lets keras_bn choose, `fused=True` means TensorFlow's kernel
-runs (or an error says why not) and `fused=False` means no kernel runs.
+`fused=None` lets keras_bn choose, `fused=True` means the backend's fused
+kernel runs, TensorFlow's on TensorFlow and PyTorch's on torch (or an error
+says why not), and `fused=False` means no kernel runs.
 `xla_kernel` does the same for the XLA kernel; when it is `None`, the
 environment variable `KERAS_BN_XLA_KERNEL` (`1` or `0`) is the process-wide
 default, read when a call is traced.
@@ -35,13 +41,16 @@ import os
 OPS = "ops"
 FUSED = "fused"
 XLA = "xla"
-PATHS = (OPS, FUSED, XLA)
+TORCH = "torch"
+PATHS = (OPS, FUSED, XLA, TORCH)
 
 XLA_KERNEL_VARIABLE = "KERAS_BN_XLA_KERNEL"
 # TensorFlow's kernel rejects smaller epsilons.
 FUSED_MIN_EPSILON = 1.001e-5
 FUSED_DTYPES = ("float16", "bfloat16", "float32")
 HALF_DTYPES = ("float16", "bfloat16")
+TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_TORCH_KERNEL = "PyTorch's batch-normalization kernel"
 # Below this many elements a step gains less from the XLA kernel than the
 # kernel's compilation costs over thousands of
 # steps, so `fused=None` leaves such calls to the other paths.
@@ -62,6 +71,8 @@ class Call:
         masked: Whether the call has a mask.
         ghost: Whether the layer splits ghost batches.
         last_axis_only: Whether the layer normalizes the last axis alone.
+        adjacent_axes: Whether the normalized axes are one run of adjacent
+            axes (PyTorch's kernel takes them as its channel axis).
         epsilon: The layer's epsilon.
         synchronizing: Whether cross-replica synchronization is in
             progress (a synchronized layer in training inside a
@@ -87,11 +98,13 @@ class Call:
     xla_compiling: bool
     fused: bool | None = None
     xla_kernel: bool | None = None
+    adjacent_axes: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class Path:
-    """The path a call takes (`"ops"`, `"fused"` or `"xla"`) and why."""
+    """The path a call takes (`"ops"`, `"fused"`, `"xla"` or `"torch"`)
+    and why."""
 
     name: str
     reason: str
@@ -109,6 +122,8 @@ def choose(call):
     """
     if call.fused is False:
         return Path(OPS, "fused=False")
+    if call.backend == "torch":
+        return _choose_torch(call)
     if call.backend != "tensorflow":
         return Path(OPS, f"the {call.backend} backend runs keras.ops")
     if call.fused:
@@ -164,6 +179,52 @@ def choose(call):
     return Path(FUSED, "TensorFlow's kernel serves the call")
 
 
+def _choose_torch(call):
+    """The path on the torch backend: PyTorch's kernel wherever it serves.
+
+    In training it computes the statistics and the normalization in one
+    kernel, and the gradient in one, where the `keras.ops` path runs a
+    dozen element-wise ops and reductions with their temporaries; in
+    inference it normalizes in one pass without a temporary.
+    """
+    problems = torch_problems(call)
+    if call.fused:
+        if problems:
+            _refuse("fused", call, problems, _TORCH_KERNEL)
+        return Path(TORCH, "fused=True")
+    if problems:
+        return Path(OPS, f"{_TORCH_KERNEL} cannot serve: "
+                    + "; ".join(problems))
+    if call.training:
+        return Path(TORCH, f"{_TORCH_KERNEL}: statistics and normalization "
+                    "in one kernel, the gradient in one")
+    return Path(TORCH, f"{_TORCH_KERNEL}: inference in one pass")
+
+
+def torch_problems(call):
+    """Why PyTorch's kernel cannot serve `call` (empty: it can)."""
+    problems = config_problems(
+        call.backend, call.last_axis_only, call.ghost, call.epsilon,
+        call.adjacent_axes,
+    )
+    if call.dtype not in TORCH_DTYPES:
+        problems.append(f"the input's dtype is {call.dtype}")
+    if call.training and call.masked:
+        problems.append("the call has a mask")
+    if call.training and call.synchronizing:
+        problems.extend(_synchronizing())
+    if call.training and call.elements == 0:
+        problems.append("the batch is empty")
+    return problems
+
+
+def fused_kernel(backend):
+    """The kernel `fused=True` asks for on `backend`, in words."""
+    if backend == "torch":
+        return _TORCH_KERNEL
+    return "TensorFlow's fused kernel"
+
+
 def choose_recurrent_input(backend, device, eager, xla_compiling):
     """The path of the recurrent layers' input term in training.
 
@@ -204,9 +265,18 @@ def fused_problems(call):
     return problems
 
 
-def config_problems(backend, last_axis_only, ghost, epsilon):
-    """Why TensorFlow's kernel cannot serve any call of a configuration."""
+def config_problems(
+    backend, last_axis_only, ghost, epsilon, adjacent_axes=False
+):
+    """Why the backend's fused kernel (TensorFlow's, or PyTorch's on the
+    torch backend) cannot serve any call of a configuration."""
     problems = []
+    if backend == "torch":
+        if not adjacent_axes:
+            problems.append("the normalized axes are not adjacent")
+        if ghost:
+            problems.append("virtual_batch_size splits ghost batches")
+        return problems
     if backend != "tensorflow":
         problems.append(f"the backend is {backend}")
     if not last_axis_only:
@@ -278,11 +348,13 @@ def xla_compiling():
 def available_paths():
     """The paths a float32 training call can take here, forced or not.
 
-    On TensorFlow all three (`"xla"` and `"fused"` when asked for); on
-    other backends `"ops"` alone.
+    On TensorFlow `"ops"`, `"fused"` and `"xla"`; on torch `"ops"` and
+    `"torch"`; on JAX `"ops"` alone.
     """
     from keras import backend
 
-    if backend.backend() != "tensorflow":
-        return (OPS,)
-    return PATHS
+    if backend.backend() == "tensorflow":
+        return (OPS, FUSED, XLA)
+    if backend.backend() == "torch":
+        return (OPS, TORCH)
+    return (OPS,)

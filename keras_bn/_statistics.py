@@ -22,8 +22,15 @@ from keras import ops
 
 
 def statistics_dtype(dtype):
-    """The dtype statistics are computed in: float32 or wider."""
-    return backend.result_type(dtype, "float32")
+    """The dtype statistics are computed in: float32 or wider.
+
+    Not `backend.result_type(dtype, "float32")`: on the torch backend that
+    gives float32 for float64 (Keras follows JAX's default of no 64-bit
+    types there), which would compute float64 layers' statistics in
+    float32.
+    """
+    dtype = backend.standardize_dtype(dtype)
+    return "float64" if dtype == "float64" else "float32"
 
 
 def replica_context():

@@ -14,6 +14,7 @@ from keras import saving
 from keras_bn import _dispatch
 from keras_bn import _kernels
 from keras_bn import _statistics
+from keras_bn import _torch_kernels
 from keras_bn import _validation
 
 
@@ -114,15 +115,19 @@ class BatchNormalization(layers.Layer):
         virtual_batch_size: Positive integer, the size of the ghost batches
             that training statistics are computed over, or `None` to use the
             whole batch. Defaults to `None`.
-        fused: Whether TensorFlow's fused batch-normalization kernel runs
-            (cuDNN on a GPU, oneDNN or Eigen on a CPU), as Keras's
-            `LSTM(use_cudnn=...)`: `None` lets keras_bn choose the fastest
-            path for each call; `True` runs TensorFlow's kernel, or raises a
-            `ValueError` that says why it cannot (at build time for the
-            backend, axes, ghost batches or `epsilon < 1.001e-5`; at call
-            time for a mask or float64 in training, or synchronization in
-            progress); `False` runs no kernel, only the `keras.ops` code.
-            The results are the same on every path, up to float rounding;
+        fused: Whether the backend's fused batch-normalization kernel runs,
+            as Keras's `LSTM(use_cudnn=...)`: on TensorFlow its fused
+            kernel (cuDNN on a GPU, oneDNN or Eigen on a CPU), on torch
+            PyTorch's `torch.native_batch_norm`; JAX has none. `None` lets
+            keras_bn choose the fastest path for each call; `True` runs the
+            kernel, or raises a `ValueError` that says why it cannot (at
+            build time for the backend, ghost batches, and on TensorFlow
+            axes other than the last alone or `epsilon < 1.001e-5`, on
+            torch axes that are not adjacent; at call time for a mask in
+            training, synchronization in progress, on TensorFlow float64 in
+            training, on torch an empty training batch); `False` runs no
+            kernel, only the `keras.ops` code. The results are the same on
+            every path, up to float rounding;
             `layer.normalization_path(x, training=True)` tells which path a
             call takes and why (docs/performance.md lists the rules).
             Defaults to `None`.
@@ -263,8 +268,8 @@ class BatchNormalization(layers.Layer):
         if self.xla_kernel and self.fused is not None:
             raise ValueError(
                 "Argument `xla_kernel=True` asks for the XLA kernel, which "
-                "`fused` rules out: `fused=True` asks for TensorFlow's kernel "
-                "and `fused=False` for no kernel. Received: "
+                "`fused` rules out: `fused=True` asks for the backend's fused "
+                "kernel and `fused=False` for no kernel. Received: "
                 f"fused={fused!r}, xla_kernel={xla_kernel!r}"
             )
         self.supports_masking = True
@@ -352,6 +357,8 @@ class BatchNormalization(layers.Layer):
             outputs = self._train_step(inputs, mask, path.name)
         elif path.name == _dispatch.FUSED:
             outputs = self._fused_inference(inputs)
+        elif path.name == _dispatch.TORCH:
+            outputs = self._torch_inference(inputs)
         else:
             x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
             scale, offset = self._affine(
@@ -367,12 +374,13 @@ class BatchNormalization(layers.Layer):
         """The path a call with `inputs` takes, and why.
 
         keras_bn normalizes through its `keras.ops` code (`"ops"`),
-        TensorFlow's fused kernel (`"fused"`) or an XLA-compiled kernel
-        (`"xla"`), with the same results up to float rounding; one
-        function chooses, from the backend, the device, oneDNN, the
-        input's dtype and size, the mask, ghost batches, the axes, whether
-        synchronization is in progress, training, XLA compilation and the
-        layer's `fused` and `xla_kernel` arguments. This asks it, outside
+        TensorFlow's fused kernel (`"fused"`), an XLA-compiled kernel
+        (`"xla"`) or, on torch, PyTorch's kernel (`"torch"`), with the
+        same results up to float rounding; one function chooses, from
+        the backend, the device, oneDNN, the input's dtype and size, the
+        mask, ghost batches, the axes, whether synchronization is in
+        progress, training, XLA compilation and the layer's `fused` and
+        `xla_kernel` arguments. This asks it, outside
         any `tf.function`: a call traced for XLA (`jit_compile=True`) may
         take another path.
 
@@ -382,8 +390,8 @@ class BatchNormalization(layers.Layer):
             mask: Optional mask, as `call` takes it.
 
         Returns:
-            A `Path` with `.name` (`"ops"`, `"fused"` or `"xla"`) and
-            `.reason`, a sentence.
+            A `Path` with `.name` (`"ops"`, `"fused"`, `"xla"` or
+            `"torch"`) and `.reason`, a sentence.
 
         Raises:
             ValueError: If `fused=True` or `xla_kernel=True` cannot serve
@@ -433,11 +441,13 @@ class BatchNormalization(layers.Layer):
                 self._axes == [rank - 1],
                 self.virtual_batch_size is not None,
                 self.epsilon,
+                self._adjacent_axes(),
             )
             if problems:
                 raise ValueError(
-                    "Argument `fused=True` asks for TensorFlow's fused "
-                    "kernel, which cannot serve this layer: "
+                    "Argument `fused=True` asks for "
+                    f"{_dispatch.fused_kernel(backend_name)}, which cannot "
+                    "serve this layer: "
                     f"{'; '.join(problems)}. Use `fused=None` to let "
                     "keras_bn choose. Received: fused=True, "
                     f"axis={self.axis!r}, "
@@ -477,7 +487,12 @@ class BatchNormalization(layers.Layer):
             xla_compiling=on_tensorflow and _dispatch.xla_compiling(),
             fused=self.fused,
             xla_kernel=self.xla_kernel,
+            adjacent_axes=self._adjacent_axes(),
         )
+
+    def _adjacent_axes(self):
+        """Whether the normalized axes are one run of adjacent axes."""
+        return sum(normalized for normalized, _ in self._view_groups) == 1
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -493,6 +508,8 @@ class BatchNormalization(layers.Layer):
         """Normalizes with batch statistics and updates the moving ones."""
         if path == _dispatch.FUSED:
             return self._fused_training(inputs)
+        if path == _dispatch.TORCH:
+            return self._torch_training(inputs)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
         batch_size = ops.shape(x)[0]
         ghosts = self.virtual_batch_size is not None
@@ -564,6 +581,41 @@ class BatchNormalization(layers.Layer):
             self.epsilon,
         )
         return ops.reshape(y, ops.shape(inputs))
+
+    def _torch_training(self, inputs):
+        """The training step through PyTorch's kernel."""
+        dtype = _statistics.statistics_dtype(inputs.dtype)
+        y, mean, variance, count = _torch_kernels.training(
+            inputs,
+            *self._channel_span(),
+            self.epsilon,
+            lambda mean, variance: self._normalized_affine(
+                mean, variance, lambda w: ops.reshape(ops.cast(w, dtype), -1)
+            ),
+            self._affine_uses_statistics,
+        )
+        self._update_moving_statistics(
+            self._to_param_shape(mean), self._to_param_shape(variance), count
+        )
+        return y
+
+    def _torch_inference(self, inputs):
+        """The inference call through PyTorch's kernel."""
+        dtype = _statistics.statistics_dtype(inputs.dtype)
+        vectors = [
+            None if w is None else ops.reshape(ops.cast(w, dtype), -1)
+            for w in (
+                self.gamma, self.beta, self.moving_mean, self.moving_variance
+            )
+        ]
+        return _torch_kernels.inference(
+            inputs, *self._channel_span(), *vectors, self.epsilon
+        )
+
+    def _channel_span(self):
+        """`(start, stop)`: the normalized axes are `start` to `stop - 1`
+        (PyTorch's kernel serves only adjacent ones)."""
+        return self._axes[0], self._axes[-1] + 1
 
     def _batch_affine(self, mean, variance):
         """`(scale, offset)` of the `keras.ops` training path.

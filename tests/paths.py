@@ -1,12 +1,13 @@
 """Running a reference test once per normalization path.
 
 keras_bn computes batch normalization through its `keras.ops` code
-(`"ops"`), TensorFlow's fused kernel (`"fused"`) or its XLA-compiled kernel
-(`"xla"`); which one a call takes depends on the machine. The reference
-grids therefore run each case once per path, forced through the layers'
-public arguments, and check that the forced path is the one that ran, so
-every path is compared with the reference on every machine where it can
-run, not only with another path.
+(`"ops"`), TensorFlow's fused kernel (`"fused"`), its XLA-compiled kernel
+(`"xla"`) or, on the torch backend, PyTorch's kernel (`"torch"`); which one
+a call takes depends on the backend and the machine. The reference grids
+therefore run each case once per path the backend has, forced through the
+layers' public arguments, and check that the forced path is the one that
+ran, so every path is compared with the reference on every machine where
+it can run, not only with another path.
 """
 
 import contextlib
@@ -19,15 +20,18 @@ KWARGS = {
     _dispatch.OPS: {"fused": False},
     _dispatch.FUSED: {"fused": True},
     _dispatch.XLA: {"xla_kernel": True},
+    # `fused=True` asks for the backend's kernel: PyTorch's on torch.
+    _dispatch.TORCH: {"fused": True},
 }
 
 
 def per_path(grid):
-    """`(name, *params)` cases as `(f"{name}_{path}", path, *params)`."""
+    """`(name, *params)` cases as `(f"{name}_{path}", path, *params)`,
+    for every path of this backend."""
     return tuple(
         (f"{name}_{path}", path, *params)
         for name, *params in grid
-        for path in _dispatch.PATHS
+        for path in _dispatch.available_paths()
     )
 
 

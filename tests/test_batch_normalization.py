@@ -21,8 +21,12 @@ from tests import paths
 from tests import test_case
 
 TF = keras.backend.backend() == "tensorflow"
+TORCH = keras.backend.backend() == "torch"
 requires_tf = pytest.mark.skipif(
     not TF, reason="uses tf.GradientTape and tf.distribute"
+)
+requires_torch = pytest.mark.skipif(
+    not TORCH, reason="PyTorch's kernel runs on the torch backend only"
 )
 
 
@@ -130,6 +134,9 @@ REFERENCE_GRID = (
     ("axis_1_rank3", {"axis": 1}, (6, 3, 5), None),
     ("axes_list", {"axis": [1, 3]}, (4, 3, 2, 5), None),
     ("axes_negative", {"axis": [-1, 1]}, (4, 3, 2, 5), None),
+    # Adjacent axes, which PyTorch's kernel takes as one channel axis.
+    ("adjacent_axes", {"axis": [1, 2], "momentum": 0.8}, (6, 2, 3, 4),
+     None),
     ("no_center", {"center": False, "momentum": 0.9}, (8, 4), None),
     ("no_scale", {"scale": False, "epsilon": 1e-5}, (8, 4), None),
     ("cumulative", {"momentum": None}, (8, 4), None),
@@ -366,6 +373,9 @@ class LayerHarnessTest(test_case.LayerTestCase):
         ("synchronized", {"synchronized": True}, (8, 4), 2, 2),
     )
     def test_layer(self, kwargs, shape, trainable, non_trainable):
+        if kwargs.get("synchronized") and TORCH:
+            self.skipTest("synchronized=True needs TensorFlow or JAX until "
+                          "torch.distributed support lands (issue #15)")
         self.run_layer_test(
             keras_bn.BatchNormalization,
             kwargs,
@@ -456,6 +466,32 @@ class SemanticsTest(test_case.LayerTestCase):
         self.assertAllClose(
             keras.ops.cast(y, "float32"), expected, atol=atol, rtol=0
         )
+
+    @parameterized.named_parameters(*paths.per_path((("float64",),)))
+    def test_float64_statistics_stay_float64(self, path):
+        if keras.backend.backend() == "jax":
+            self.skipTest("JAX has no float64 unless jax_enable_x64 is set")
+        if TORCH and path == "ops":
+            self.skipTest(
+                "on torch, keras.ops.maximum(x, 0.0) turns float64 into "
+                "float32 (Keras follows JAX's 32-bit default there), so the "
+                "keras.ops path's variance is float32"
+            )
+        # float32 statistics would lose this spread against the mean.
+        x = _rng(29).normal(1e4, 1e-3, (16, 2))
+        layer = keras_bn.BatchNormalization(
+            dtype="float64", momentum=0.0, **paths.KWARGS[path]
+        )
+        paths.build_or_skip(self, layer, x.shape)
+        paths.skip_unless_serves(self, layer, x)
+        with paths.expect(self, path, set()):
+            y = layer(x, training=True)
+        self.assertAllClose(
+            y, (x - x.mean(0)) / np.sqrt(x.var(0) + 1e-3), atol=1e-9,
+            rtol=1e-7,
+        )
+        self.assertAllClose(layer.moving_mean, x.mean(0), atol=0, rtol=1e-12)
+        self.assertAllClose(layer.moving_variance, x.var(0), atol=0, rtol=1e-7)
 
     def test_cumulative_average_continues_after_loading(self):
         rng = _rng(13)
@@ -1082,6 +1118,15 @@ def _facts(**changes):
     return _dispatch.Call(**facts)
 
 
+def _torch_facts(**changes):
+    """A float32 training call on the torch backend, with `changes`."""
+    facts = dict(
+        backend="torch", device=None, onednn=False, adjacent_axes=True
+    )
+    facts.update(changes)
+    return _facts(**facts)
+
+
 class DispatchTest(test_case.LayerTestCase):
     """The one function that picks a path, its rules and its errors."""
 
@@ -1162,11 +1207,53 @@ class DispatchTest(test_case.LayerTestCase):
         path = layer.normalization_path(x, training=True)
         self.assertEqual(path.name, "ops")
         self.assertIn("fused=False", str(path))
-        if TF:
+        if TF or TORCH:
             layer = keras_bn.BatchNormalization(fused=True)
             self.assertEqual(
-                layer.normalization_path(x, training=True).name, "fused"
+                layer.normalization_path(x, training=True).name,
+                "fused" if TF else "torch",
             )
+
+    @parameterized.named_parameters(
+        ("plain", {}, "torch"),
+        ("channels_first", {"last_axis_only": False}, "torch"),
+        ("half", {"dtype": "bfloat16"}, "torch"),
+        ("float64", {"dtype": "float64"}, "torch"),
+        ("small", {"elements": 12}, "torch"),
+        ("small_epsilon", {"epsilon": 1e-8}, "torch"),
+        ("mask", {"masked": True}, "ops"),
+        ("ghost", {"ghost": True}, "ops"),
+        ("axes_apart", {"adjacent_axes": False}, "ops"),
+        ("synchronizing", {"synchronizing": True}, "ops"),
+        ("empty", {"elements": 0}, "ops"),
+        ("integer", {"dtype": "int32"}, "ops"),
+        ("inference", {"training": False}, "torch"),
+        ("inference_mask", {"training": False, "masked": True}, "torch"),
+        ("inference_empty", {"training": False, "elements": 0}, "torch"),
+        ("fused_true", {"fused": True}, "torch"),
+        ("fused_false", {"fused": False}, "ops"),
+    )
+    def test_torch_rules(self, changes, expected):
+        from keras_bn import _dispatch
+
+        path = _dispatch.choose(_torch_facts(**changes))
+        self.assertEqual(path.name, expected, path.reason)
+        self.assertTrue(path.reason)
+
+    @parameterized.named_parameters(
+        ("mask", {"masked": True}, "mask"),
+        ("ghost", {"ghost": True}, "ghost batches"),
+        ("axes_apart", {"adjacent_axes": False}, "not adjacent"),
+        ("synchronizing", {"synchronizing": True}, "synchronization"),
+        ("empty", {"elements": 0}, "empty"),
+    )
+    def test_torch_refusals_say_why(self, changes, reason):
+        from keras_bn import _dispatch
+
+        with self.assertRaisesRegex(
+            ValueError, f"fused=True.*PyTorch.*{reason}"
+        ):
+            _dispatch.choose(_torch_facts(fused=True, **changes))
 
 
 
@@ -1229,11 +1316,167 @@ class KernelRequestTest(test_case.LayerTestCase):
                 keras_bn.BatchNormalization(fused=fused, xla_kernel=True)
 
     @pytest.mark.skipif(TF, reason="checks a backend other than TensorFlow")
-    def test_kernels_refused_on_other_backends(self):
-        for kwargs in ({"fused": True}, {"xla_kernel": True}):
-            layer = keras_bn.BatchNormalization(**kwargs)
-            with self.assertRaisesRegex(ValueError, "backend"):
-                layer.build((4, 3))
+    def test_xla_kernel_refused_on_other_backends(self):
+        layer = keras_bn.BatchNormalization(xla_kernel=True)
+        with self.assertRaisesRegex(ValueError, "xla_kernel=True.*backend"):
+            layer.build((4, 3))
+
+    @pytest.mark.skipif(
+        TF or TORCH, reason="TensorFlow and torch have a fused kernel"
+    )
+    def test_fused_true_refused_without_a_fused_kernel(self):
+        layer = keras_bn.BatchNormalization(fused=True)
+        with self.assertRaisesRegex(
+            ValueError, f"the backend is {keras.backend.backend()}"
+        ):
+            layer.build((4, 3))
+
+
+def _torch_step(layer, x, w, mask=None):
+    """Output and gradients (input, then trainable weights) of one
+    training call, by torch's autograd, for the loss `sum(y * w)`."""
+    import torch
+
+    x = torch.tensor(x, requires_grad=True)
+    y = layer(x, training=True, mask=mask)
+    loss = torch.sum(y.float() * torch.tensor(w))
+    weights = [v.value for v in layer.trainable_weights]
+    return [y.float()] + list(torch.autograd.grad(loss, [x] + weights))
+
+
+@requires_torch
+class TorchPathTest(test_case.LayerTestCase):
+    """PyTorch's kernel (`fused=True` on torch) against core Keras and
+    against keras_bn's `keras.ops` path, gradients included."""
+
+    @parameterized.named_parameters(
+        ("dense", {}, (16, 4)),
+        ("image", {"momentum": 0.9, "epsilon": 1e-5}, (4, 5, 5, 3)),
+        ("channels_first", {"axis": 1}, (4, 3, 5, 5)),
+        ("sequence_axis_1", {"axis": 1, "momentum": 0.5}, (6, 3, 4)),
+        ("no_affine", {"center": False, "scale": False}, (2, 3, 3, 4)),
+        ("batch_of_one", {"momentum": 0.5}, (1, 4)),
+    )
+    def test_gradients_and_statistics_equal_core_keras(self, cfg, shape):
+        rng = _rng(26)
+        ours = keras_bn.BatchNormalization(fused=True, **cfg)
+        core = keras.layers.BatchNormalization(**cfg)
+        ours.build(shape)
+        core.build(shape)
+        _randomize(ours, rng)
+        core.set_weights(ours.get_weights())
+        for i in range(3):
+            x = rng.normal(i, 1.0 + i, shape).astype("float32")
+            w = rng.normal(0.0, 1.0, shape).astype("float32")
+            with paths.expect(self, "torch", set()):
+                got = _torch_step(ours, x, w)
+            expected = _torch_step(core, x, w)
+            self.assertLen(got, len(expected))
+            for a, b in zip(got, expected):
+                self.assertAllClose(a, b, atol=1e-4, rtol=1e-4)
+        for a, b in zip(ours.weights, core.weights):
+            self.assertAllClose(a, b, msg=a.name)
+        x = rng.normal(0.0, 3.0, shape).astype("float32")
+        self.assertEqual(ours.normalization_path(x).name, "torch")
+        self.assertAllClose(ours(x), core(x))
+
+    @parameterized.named_parameters(
+        ("adjacent_axes", {"axis": [1, 2]}, (6, 2, 3, 4), "float32"),
+        ("float64", {}, (16, 4), "float64"),
+        ("cumulative", {"momentum": None}, (16, 4), "float32"),
+        ("renorm", RENORM, (8, 3, 4), "float32"),
+        ("renorm_channels_first", dict(RENORM, axis=1), (8, 3, 4),
+         "float32"),
+        ("renorm_no_affine", dict(RENORM, center=False, scale=False),
+         (2, 3, 3, 4), "float32"),
+        ("mixed_float16", {}, (4, 5, 5, 3), "mixed_float16"),
+        ("mixed_bfloat16", {"scale": False}, (4, 5, 5, 3), "mixed_bfloat16"),
+        ("renorm_mixed", RENORM_MIXED, (8, 3, 4), "mixed_float16"),
+        ("renorm_mixed_bfloat16", RENORM_MIXED, (8, 3, 4), "mixed_bfloat16"),
+    )
+    def test_equals_ops_path(self, cfg, shape, dtype):
+        rng = _rng(27)
+        layers = [
+            keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
+            for fused in (True, False)
+        ]
+        for layer in layers:
+            layer.build(shape)
+        _randomize(layers[0], rng)
+        layers[1].set_weights(layers[0].get_weights())
+        compute = "float64" if dtype == "float64" else "float32"
+        loose = dtype.startswith("mixed")
+        for i in range(3):
+            x = rng.normal(i, 2.0, shape).astype(compute)
+            w = rng.normal(0.0, 1.0, shape).astype("float32")
+            with paths.expect(self, "torch", set()):
+                got = _torch_step(layers[0], x, w)
+            expected = _torch_step(layers[1], x, w)
+            for a, b in zip(got, expected):
+                self.assertAllClose(
+                    a, b, atol=5e-2 if loose else 1e-5,
+                    rtol=5e-2 if loose else 1e-5,
+                )
+        for a, b in zip(*(layer.weights for layer in layers)):
+            self.assertAllClose(a, b, atol=1e-5, rtol=1e-5, msg=a.name)
+        x = rng.normal(0.0, 3.0, shape).astype(compute)
+        self.assertEqual(layers[0].normalization_path(x).name, "torch")
+        self.assertAllClose(
+            keras.ops.cast(layers[0](x), compute),
+            keras.ops.cast(layers[1](x), compute),
+            atol=1e-2 if loose else 1e-5,
+        )
+
+    def test_save_load_and_config_keep_the_torch_path(self):
+        rng = _rng(28)
+        x = rng.normal(1.0, 2.0, (16, 3, 4)).astype("float32")
+        y = rng.normal(0.0, 1.0, x.shape).astype("float32")
+        layer = keras_bn.BatchNormalization(axis=1, momentum=0.5, fused=True)
+        config = layer.get_config()
+        self.assertIs(config["fused"], True)
+        self.assertEqual(
+            keras_bn.BatchNormalization.from_config(config).get_config(),
+            config,
+        )
+        model = keras.Sequential([keras.Input((3, 4)), layer])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "m.keras")
+            model.save(path)
+            loaded = keras.saving.load_model(path)
+        self.assertEqual(loaded.layers[0].get_config(), layer.get_config())
+        self.assertEqual(
+            loaded.layers[0].normalization_path(x, training=True).name,
+            "torch",
+        )
+        self.assertAllClose(
+            loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+        )
+        for m in (model, loaded):
+            m.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
+        for a, b in zip(model.weights, loaded.weights):
+            self.assertAllClose(a, b, msg=a.path)
+
+    @parameterized.named_parameters(
+        ("axes_apart", {"axis": [1, 3]}, "not adjacent.*axis=\\[1, 3\\]"),
+        ("ghost", {"virtual_batch_size": 2}, "ghost.*virtual_batch_size=2"),
+    )
+    def test_fused_true_that_cannot_serve_the_layer(self, cfg, message):
+        layer = keras_bn.BatchNormalization(fused=True, **cfg)
+        with self.assertRaisesRegex(ValueError, f"PyTorch.*{message}"):
+            layer.build((4, 3, 2, 5))
+
+    def test_fused_true_with_a_mask_raises_at_call(self):
+        layer = keras_bn.BatchNormalization(fused=True)
+        x = np.ones((4, 3, 2), "float32")
+        mask = np.ones((4, 3), bool)
+        with self.assertRaisesRegex(ValueError, "fused=True.*mask"):
+            layer(x, training=True, mask=mask)
+        self.assertEqual(
+            layer.normalization_path(x, training=False, mask=mask).name,
+            "torch",
+        )
 
 
 class EveryPathRanTest(test_case.LayerTestCase):

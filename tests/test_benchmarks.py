@@ -18,6 +18,7 @@ RUN = REPO / "benchmarks" / "run.py"
 PROFILE = REPO / "benchmarks" / "profile.py"
 JAX_STEP = REPO / "benchmarks" / "jax_step.py"
 FIRST_STEP = REPO / "benchmarks" / "first_step.py"
+BACKENDS = REPO / "benchmarks" / "backends.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -198,6 +199,33 @@ class ScriptTablesTest(parameterized.TestCase):
         self.assertIn("JAX", stdout)
 
     @pytest.mark.slow
+    def test_backends_reports_torch_and_jax(self):
+        result = test_case.run_script(BACKENDS, "--quick", timeout=600)
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        self.assertIn("avx512_vnni", result.stdout)
+        rows = table_rows(result.stdout)
+        self.assertEqual(
+            [(row[0], row[1], row[3]) for row in rows],
+            [
+                ("torch", "BatchNormalization", "torch"),
+                ("torch", "BatchRenormalization", "torch"),
+                ("jax", "BatchNormalization", "ops"),
+                ("jax", "BatchRenormalization", "ops"),
+            ],
+        )
+        for row in rows:
+            core_ms, ours_ms, ratio, core_mib, ours_mib, memory = map(
+                float, row[4:]
+            )
+            for value in (core_ms, ours_ms, ratio, memory):
+                self.assertTrue(positive_finite(value), row)
+            if row[0] == "torch":
+                # Allocator accounting, not timing: the same on every
+                # machine. PyTorch's kernel keeps fewer tensors than core
+                # Keras's chain of ops.
+                self.assertLess(memory, 1.0, row)
+
+    @pytest.mark.slow
     def test_first_step_reports_both_models(self):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
@@ -226,6 +254,8 @@ class ScriptTablesTest(parameterized.TestCase):
         ("one_axis", PROFILE, ["--shape", "8"], "Received: (8,)"),
         ("zero_repeats", PROFILE, ["--repeats", "0"], "Received: 0"),
         ("jax_zero_size", JAX_STEP, ["--shape", "0,3"], "Received: (0, 3)"),
+        ("unknown_backend", BACKENDS, ["--backends", "tf"], "Received: tf"),
+        ("zero_threads", BACKENDS, ["--threads", "0"], "Received: '0'"),
     )
     def test_bad_input_is_a_one_line_error(self, script, args, received):
         result = test_case.run_script(script, *args, timeout=60)

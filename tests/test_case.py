@@ -46,10 +46,18 @@ def mirrored_strategy():
     return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
 
 
+def _numpy(value):
+    """`value` as a NumPy array; backend tensors (on torch, ones that
+    require grad) go through `keras.ops.convert_to_numpy`."""
+    if isinstance(value, (list, tuple)):
+        return np.asarray([_numpy(v) for v in value])
+    return np.asarray(keras.ops.convert_to_numpy(value))
+
+
 class LayerTestCase(parameterized.TestCase):
     def assertAllClose(self, actual, desired, atol=1e-5, rtol=1e-5, msg=""):
         np.testing.assert_allclose(
-            np.asarray(actual), np.asarray(desired), atol=atol, rtol=rtol,
+            _numpy(actual), _numpy(desired), atol=atol, rtol=rtol,
             err_msg=msg,
         )
 
