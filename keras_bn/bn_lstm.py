@@ -523,12 +523,8 @@ class _BNRecurrentCell(layers.Layer):
             self.input_updates if name == "input" else self.step_updates
         )
         rows = moving_mean.shape[0]
-        if first_step is not None and rows > 1:
-            mean, variance, count = _from_step(
-                mean, variance, count, first_step, rows
-            )
         mean, variance, valid = _statistics.combine_steps(
-            mean, variance, count, rows
+            mean, variance, count, rows, first_step
         )
         decay = _statistics.bias_corrected_decay(
             self.momentum, ops.cast(ops.reshape(counter, (rows, 1)), mean.dtype)
@@ -1465,29 +1461,6 @@ def _train_lstm(inputs, states, weights, mask, recurrent_mask, epsilon,
         weights["cell_beta"], *optional,
     )
     return (hs[-1], c_last), (hs, stats)
-
-
-def _from_step(mean, variance, count, first_step, rows):
-    """Per-step statistics placed so that `combine_steps` puts step `t` in
-    row `min(first_step + t, rows - 1)`.
-
-    The steps are shifted down by `min(first_step, rows - 1)` places; the
-    places before them count no element, so they update no row.
-    """
-    steps = ops.shape(mean)[0]
-    count = ops.broadcast_to(ops.reshape(count, (-1, 1)), (steps, 1))
-    skip = ops.minimum(ops.cast(first_step, "int32"), rows - 1)
-    position = ops.arange(steps + rows - 1, dtype="int32") - skip
-    real = ops.logical_and(position >= 0, position < steps)
-    position = ops.where(real, position, 0)
-    count = ops.where(
-        ops.expand_dims(real, -1), ops.take(count, position, axis=0), 0.0
-    )
-    return (
-        ops.take(mean, position, axis=0),
-        ops.take(variance, position, axis=0),
-        count,
-    )
 
 
 def _scan(step, init, xs, outputs_like, unroll=False, reverse=False):
