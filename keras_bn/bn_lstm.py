@@ -325,7 +325,11 @@ class _BNRecurrentCell(layers.Layer):
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
-            "max_timesteps": self.max_timesteps,
+            # Resolved once built, so that the config rebuilds the same
+            # weights on inputs of any length.
+            "max_timesteps": (
+                self.num_slots if self.built else self.max_timesteps
+            ),
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "statistics": self.statistics,
@@ -1147,7 +1151,8 @@ class BNLSTM(_BNRecurrent):
         max_timesteps: Positive integer, the number of steps that keep
             their own moving statistics, or `None` for the number of
             timesteps of the input the layer is built on (which must then
-            be known). Defaults to `None`.
+            be known; a built layer's config holds that number). Defaults
+            to `None`.
         momentum: Float in `[0, 1)`, the decay of the bias-corrected moving
             averages. Defaults to `0.9`.
         epsilon: Positive float added to the variances. Defaults to `1e-3`.

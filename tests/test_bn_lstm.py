@@ -780,6 +780,21 @@ class ValidationTest(test_case.LayerTestCase):
         )
         self.assertEqual(model.layers[0].cell.moving_cell_mean.shape, (4, 3))
 
+    def test_config_holds_the_resolved_max_timesteps(self):
+        layer = keras_bn.BNLSTM(UNITS)
+        self.assertIsNone(layer.get_config()["max_timesteps"])
+        layer.build((2, 5, FEATURES))
+        config = layer.get_config()
+        self.assertEqual(config["max_timesteps"], 5)
+        # Rebuilds the same weights without a known number of steps.
+        copy = keras_bn.BNLSTM.from_config(config)
+        copy.build((2, None, FEATURES))
+        copy.set_weights(layer.get_weights())
+        # Configs written with `None` still load.
+        old = keras_bn.BNLSTM.from_config({**config, "max_timesteps": None})
+        old.build((2, 5, FEATURES))
+        self.assertEqual(old.cell.moving_cell_mean.shape, (5, UNITS))
+
     def test_wrong_number_of_initial_states(self):
         layer = keras_bn.BNLSTM(UNITS)
         with self.assertRaisesRegex(ValueError, "Received: 1 initial states"):
