@@ -705,10 +705,13 @@ class BNLSTMCell(_BNRecurrentCell):
     def _train_recurrence(
         self, inputs, states, weights, mask, recurrent_mask, unroll
     ):
-        # The hand-written gradient assumes the paper's activations.
+        # The written gradient assumes the paper's activations, and a
+        # custom gradient of several outputs, which the torch backend's
+        # `custom_gradient` (one output's gradient) does not take.
         if not (
             self.activation is activations.tanh
             and self.recurrent_activation is activations.sigmoid
+            and keras.backend.backend() in ("tensorflow", "jax")
         ):
             return None
         return _train_lstm(
