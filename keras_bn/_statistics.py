@@ -298,25 +298,30 @@ def bias_corrected_decay(momentum, updates):
     return momentum * (1.0 - power) / (1.0 - power * momentum)
 
 
-def combine_steps(mean, variance, count, num_slots):
+def combine_steps(mean, variance, count, num_slots, first_step=None):
     """Per-step statistics gathered into `num_slots` slots, one per step.
 
-    Step `t` goes to slot `min(t, num_slots - 1)`, so the last slot also
-    receives every later step. A slot gets the equal-weight mean of the
-    statistics of its steps that counted any element.
+    Step `t` goes to slot `min(first_step + t, num_slots - 1)`, so the last
+    slot also receives every later step. A slot gets the equal-weight mean
+    of the statistics of its steps that counted any element.
 
     Args:
         mean, variance: Tensors of shape `(steps, features)`.
         count: Tensor broadcastable to `(steps, 1)`, the elements behind each
             step's statistics.
         num_slots: Python int.
+        first_step: `None` (0) or an integer scalar tensor, the index of
+            the first step in its stream.
 
     Returns:
         `(mean, variance, valid)`: `(num_slots, features)` statistics and,
         of shape `(num_slots, 1)`, the number of steps that contributed.
     """
     steps = ops.shape(mean)[0]
-    slots = ops.minimum(ops.arange(steps), num_slots - 1)
+    index = ops.arange(steps, dtype="int32")
+    if first_step is not None:
+        index = index + ops.cast(first_step, "int32")
+    slots = ops.minimum(index, num_slots - 1)
     valid = ops.cast(ops.greater(count, 0.0), mean.dtype)
     valid = ops.broadcast_to(ops.reshape(valid, (-1, 1)), (steps, 1))
     # (slots, steps): which steps each slot averages.

@@ -151,8 +151,8 @@ class BNGRU(_BNRecurrent):
             to `None`.
         max_timesteps: Positive integer, the number of steps that keep
             their own moving statistics, or `None` for the number of
-            timesteps of the input the layer is built on. Defaults to
-            `None`.
+            timesteps of the input the layer is built on (a built layer's
+            config holds that number). Defaults to `None`.
         momentum: Float in `[0, 1)`, the decay of the bias-corrected moving
             averages. Defaults to `0.9`.
         epsilon: Positive float added to the variances. Defaults to `1e-3`.

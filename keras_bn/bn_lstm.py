@@ -261,10 +261,17 @@ class _BNRecurrentCell(layers.Layer):
         outputs_like = [states[0]]
         if training:
             outputs_like.append(ops.zeros((sum(sizes),), dtype))
-        last, sequence = _scan(
-            step, tuple(states), tuple(time_major), tuple(outputs_like),
-            unroll,
-        )
+        recurrence = None
+        if training:
+            recurrence = self._train_recurrence(
+                inputs, states, weights, mask, recurrent_mask, unroll
+            )
+        if recurrence is None:
+            recurrence = _scan(
+                step, tuple(states), tuple(time_major), tuple(outputs_like),
+                unroll,
+            )
+        last, sequence = recurrence
         if training:
             input_first = None if self.statistics == "shared" else first_step
             valid = self._update_moving_statistics(
@@ -318,7 +325,11 @@ class _BNRecurrentCell(layers.Layer):
             "dropout": self.dropout,
             "recurrent_dropout": self.recurrent_dropout,
             "seed": self.seed,
-            "max_timesteps": self.max_timesteps,
+            # Resolved once built, so that the config rebuilds the same
+            # weights on inputs of any length.
+            "max_timesteps": (
+                self.num_slots if self.built else self.max_timesteps
+            ),
             "momentum": self.momentum,
             "epsilon": self.epsilon,
             "statistics": self.statistics,
@@ -365,6 +376,17 @@ class _BNRecurrentCell(layers.Layer):
             variance, count)` of each of `step_terms`, flattened.
         """
         raise NotImplementedError
+
+    def _train_recurrence(
+        self, inputs, states, weights, mask, recurrent_mask, unroll
+    ):
+        """The training loop with a gradient of its own, or `None`.
+
+        Returns `None` to run `_step` in the generic loop; a subclass may
+        return `(last_states, (hidden_states, statistics))`, both
+        time-major, the statistics as the generic loop returns them.
+        """
+        return None
 
     def _recurrent_term(
         self, states, weights, population, mask, recurrent_mask
@@ -505,12 +527,8 @@ class _BNRecurrentCell(layers.Layer):
             self.input_updates if name == "input" else self.step_updates
         )
         rows = moving_mean.shape[0]
-        if first_step is not None and rows > 1:
-            mean, variance, count = _from_step(
-                mean, variance, count, first_step, rows
-            )
         mean, variance, valid = _statistics.combine_steps(
-            mean, variance, count, rows
+            mean, variance, count, rows, first_step
         )
         decay = _statistics.bias_corrected_decay(
             self.momentum, ops.cast(ops.reshape(counter, (rows, 1)), mean.dtype)
@@ -683,6 +701,23 @@ class BNLSTMCell(_BNRecurrentCell):
             "cell_gamma": ops.cast(self.cell_gamma, dtype),
             "cell_beta": ops.cast(self.cell_beta, dtype),
         }
+
+    def _train_recurrence(
+        self, inputs, states, weights, mask, recurrent_mask, unroll
+    ):
+        # The written gradient assumes the paper's activations, and a
+        # custom gradient of several outputs, which the torch backend's
+        # `custom_gradient` (one output's gradient) does not take.
+        if not (
+            self.activation is activations.tanh
+            and self.recurrent_activation is activations.sigmoid
+            and keras.backend.backend() in ("tensorflow", "jax")
+        ):
+            return None
+        return _train_lstm(
+            inputs, states, weights, mask, recurrent_mask, self.epsilon,
+            unroll, _compile_input_term(),
+        )
 
     def _step(self, inputs, states, weights, population, mask, recurrent_mask):
         recurrent_population = cell_population = None
@@ -1119,7 +1154,8 @@ class BNLSTM(_BNRecurrent):
         max_timesteps: Positive integer, the number of steps that keep
             their own moving statistics, or `None` for the number of
             timesteps of the input the layer is built on (which must then
-            be known). Defaults to `None`.
+            be known; a built layer's config holds that number). Defaults
+            to `None`.
         momentum: Float in `[0, 1)`, the decay of the bias-corrected moving
             averages. Defaults to `0.9`.
         epsilon: Positive float added to the variances. Defaults to `1e-3`.
@@ -1267,30 +1303,175 @@ def _batch_normalize(value, mean, variance, count, mask, epsilon, gamma, beta):
     return normalize(value, gamma, *betas, *statistics)
 
 
-def _from_step(mean, variance, count, first_step, rows):
-    """Per-step statistics placed so that `combine_steps` puts step `t` in
-    row `min(first_step + t, rows - 1)`.
+def _train_lstm(inputs, states, weights, mask, recurrent_mask, epsilon,
+                unroll, compile_loops):
+    """The training recurrence of `BNLSTMCell`, with its gradient written
+    out (back-propagation through time).
 
-    The steps are shifted down by `min(first_step, rows - 1)` places; the
-    places before them count no element, so they update no row.
+    Differentiating the loop makes the framework keep, step by step, every
+    intermediate the gradient of each op reads, and multiply `h^T dP` in
+    every step. Here the forward loop keeps only `h`, `c`, the normalized
+    recurrent product and the statistics; the backward loop recomputes the
+    gates from them, and the gradient of `W_h` is one matrix product over
+    all steps after it. With `compile_loops` (TensorFlow), both loops run
+    as XLA-compiled functions called from the graph.
+
+    `inputs` is the normalized input term, time-major `(steps, batch, 4 *
+    units)`; `mask` `None` or `(steps, batch, 1)`. Returns the final states
+    and `(hidden states, statistics)` as the generic loop does.
     """
-    steps = ops.shape(mean)[0]
-    count = ops.broadcast_to(ops.reshape(count, (-1, 1)), (steps, 1))
-    skip = ops.minimum(ops.cast(first_step, "int32"), rows - 1)
-    position = ops.arange(steps + rows - 1, dtype="int32") - skip
-    real = ops.logical_and(position >= 0, position < steps)
-    position = ops.where(real, position, 0)
-    count = ops.where(
-        ops.expand_dims(real, -1), ops.take(count, position, axis=0), 0.0
+    with_mask = mask is not None
+    with_dropout = recurrent_mask is not None
+    units = states[0].shape[-1]
+    optional = [mask] if with_mask else []
+    if with_dropout:
+        optional.append(recurrent_mask)
+    # TensorFlow takes `None` for the gradients of the masks; JAX needs
+    # zeros.
+    no_gradient = keras.backend.backend() == "tensorflow"
+
+    def moments(value, m):
+        mean, variance, count = _statistics.moments(value, [0], m)
+        return mean, variance, _step_count(count, m)
+
+    def forward(x, h0, c0, kernel, gamma_h, gamma_c, beta_c, *rest):
+        dropout = rest[-1] if with_dropout else None
+
+        def step(carry, xs):
+            h, c = carry
+            m = xs[1] if with_mask else None
+            product = ops.matmul(h if dropout is None else h * dropout, kernel)
+            mean_p, variance_p, count = moments(product, m)
+            phat = (product - mean_p) * ops.rsqrt(variance_p + epsilon)
+            i, f, g, o = ops.split(xs[0] + gamma_h * phat, 4, axis=-1)
+            c_new = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+            mean_c, variance_c, _ = moments(c_new, m)
+            chat = (c_new - mean_c) * ops.rsqrt(variance_c + epsilon)
+            h_new = ops.sigmoid(o) * ops.tanh(chat * gamma_c + beta_c)
+            if m is not None:
+                h_new = ops.where(m > 0, h_new, h)
+                c_new = ops.where(m > 0, c_new, c)
+            stats = ops.concatenate(
+                [mean_p[0], variance_p[0], count, mean_c[0], variance_c[0],
+                 count]
+            )
+            return (h_new, c_new), (h_new, c_new, phat, stats)
+
+        xs = (x, rest[0]) if with_mask else (x,)
+        like = (h0, c0, x[0], ops.zeros((10 * units + 2,), x.dtype))
+        (_, c_last), (hs, cs, phats, stats) = _scan(
+            step, (h0, c0), xs, like, unroll
+        )
+        return hs, cs, c_last, phats, stats
+
+    def backward(d_hs, d_c_last, hs, cs, phats, stats, x, h0, c0, kernel,
+                 gamma_h, gamma_c, beta_c, *rest):
+        dropout = rest[-1] if with_dropout else None
+        kernel_t = ops.transpose(kernel)
+        h_prev = ops.concatenate([h0[None], hs[:-1]], axis=0)
+        c_prev = ops.concatenate([c0[None], cs[:-1]], axis=0)
+
+        def step(carry, xs):
+            dh, dc, d_gamma_h, d_gamma_c, d_beta_c = carry
+            dh_up, x_t, phat, c, c_prev, st = xs[:6]
+            m = xs[6] if with_mask else None
+            # The forward step again, from what it kept.
+            inv_p = ops.rsqrt(st[4 * units : 8 * units] + epsilon)
+            inv_c = ops.rsqrt(st[9 * units + 1 : 10 * units + 1] + epsilon)
+            # Masked rows hold the carried `c`, not the one normalized;
+            # their gradients are zero, so it does not matter.
+            chat = (c - st[8 * units + 1 : 9 * units + 1]) * inv_c
+            zi, zf, zg, zo = ops.split(x_t + gamma_h * phat, 4, axis=-1)
+            si, sf, so = ops.sigmoid(zi), ops.sigmoid(zf), ops.sigmoid(zo)
+            tg = ops.tanh(zg)
+            tn = ops.tanh(chat * gamma_c + beta_c)
+            share = 1.0 / ops.maximum(st[10 * units + 1 :], 1.0)
+            dh = dh + dh_up
+            if m is not None:
+                share = share * m
+                dh_new, dc_new = dh * m, dc * m
+            else:
+                dh_new, dc_new = dh, dc
+            # Batch normalization of the cell, then the cell update.
+            dn = dh_new * so * (1.0 - tn * tn)
+            s1, s2 = ops.sum(dn, axis=0), ops.sum(dn * chat, axis=0)
+            dct = gamma_c * inv_c * (dn - (s1 + chat * s2) * share) + dc_new
+            dz = ops.concatenate(
+                [
+                    dct * tg * si * (1.0 - si),
+                    dct * c_prev * sf * (1.0 - sf),
+                    dct * si * (1.0 - tg * tg),
+                    dh_new * tn * so * (1.0 - so),
+                ],
+                axis=-1,
+            )
+            # Batch normalization of the recurrent product.
+            q1, q2 = ops.sum(dz, axis=0), ops.sum(dz * phat, axis=0)
+            dp = gamma_h * inv_p * (dz - (q1 + phat * q2) * share)
+            dh_prev = ops.matmul(dp, kernel_t)
+            if dropout is not None:
+                dh_prev = dh_prev * dropout
+            dc_prev = dct * sf
+            if m is not None:
+                dh_prev = dh_prev + (dh - dh_new)
+                dc_prev = dc_prev + (dc - dc_new)
+            carry = (dh_prev, dc_prev, d_gamma_h + q2, d_gamma_c + s2,
+                     d_beta_c + s1)
+            return carry, (dz, dp)
+
+        xs = (d_hs, x, phats, cs, c_prev, stats) + (
+            (rest[0],) if with_mask else ()
+        )
+        init = (ops.zeros_like(h0), d_c_last, ops.zeros_like(gamma_h),
+                ops.zeros_like(gamma_c), ops.zeros_like(beta_c))
+        (dh0, dc0, d_gamma_h, d_gamma_c, d_beta_c), (dzs, dps) = _scan(
+            step, init, xs, (x[0], x[0]), unroll, reverse=True
+        )
+        if dropout is not None:
+            h_prev = h_prev * dropout
+        d_kernel = ops.matmul(
+            ops.transpose(ops.reshape(h_prev, (-1, units))),
+            ops.reshape(dps, (-1, 4 * units)),
+        )
+        return dzs, dh0, dc0, d_kernel, d_gamma_h, d_gamma_c, d_beta_c
+
+    if compile_loops:
+        import tensorflow as tf
+
+        forward = tf.function(forward, jit_compile=True, autograph=False)
+        backward = tf.function(backward, jit_compile=True, autograph=False)
+
+    @ops.custom_gradient
+    def recurrence(*args):
+        hs, cs, c_last, phats, stats = forward(*args)
+
+        def grad(*upstream_args, upstream=None):
+            upstream = upstream_args if upstream is None else upstream
+            if len(upstream) == 1:
+                # JAX hands over the outputs' gradients as one tuple.
+                upstream = upstream[0]
+            d_hs, d_c_last = upstream[0], upstream[1]
+            if d_hs is None:
+                d_hs = ops.zeros_like(hs)
+            if d_c_last is None:
+                d_c_last = ops.zeros_like(c_last)
+            grads = backward(d_hs, d_c_last, hs, cs, phats, stats, *args)
+            return tuple(grads) + tuple(
+                None if no_gradient else ops.zeros_like(v)
+                for v in args[7:]
+            )
+
+        return (hs, c_last, ops.stop_gradient(stats)), grad
+
+    hs, c_last, stats = recurrence(
+        inputs, states[0], states[1], weights["recurrent_kernel"],
+        weights["recurrent_gamma"], weights["cell_gamma"],
+        weights["cell_beta"], *optional,
     )
-    return (
-        ops.take(mean, position, axis=0),
-        ops.take(variance, position, axis=0),
-        count,
-    )
+    return (hs[-1], c_last), (hs, stats)
 
 
-def _scan(step, init, xs, outputs_like, unroll=False):
+def _scan(step, init, xs, outputs_like, unroll=False, reverse=False):
     """`keras.ops.scan` whose TensorFlow loop also compiles with XLA.
 
     `step(carry, xs)` returns the new carry and the step's outputs, shaped
@@ -1298,16 +1479,20 @@ def _scan(step, init, xs, outputs_like, unroll=False):
     `maximum_iterations` under XLA, which the TensorFlow `keras.ops.scan`
     does not set; this sets it, as the TensorFlow backend's `rnn` does.
     With `unroll=True` the steps run as a Python loop (the number of steps
-    must be known).
+    must be known). With `reverse=True` the steps run from the last, and
+    the outputs keep the order of `xs`.
     """
     if unroll:
         carry, ys = init, []
-        for t in range(xs[0].shape[0]):
+        order = range(xs[0].shape[0])
+        for t in reversed(order) if reverse else order:
             carry, y = step(carry, tuple(x[t] for x in xs))
             ys.append(y)
+        if reverse:
+            ys.reverse()
         return tuple(carry), tuple(ops.stack(y, axis=0) for y in zip(*ys))
     if keras.backend.backend() != "tensorflow":
-        return ops.scan(step, init, xs)
+        return ops.scan(step, init, xs, reverse=reverse)
     import tensorflow as tf
 
     steps = xs[0].shape[0] or tf.shape(xs[0])[0]
@@ -1322,8 +1507,9 @@ def _scan(step, init, xs, outputs_like, unroll=False):
     ]
 
     def body(t, carry, outputs):
-        carry, ys = step(tuple(carry), tuple(a.read(t) for a in inputs))
-        outputs = [o.write(t, y) for o, y in zip(outputs, ys)]
+        index = steps - 1 - t if reverse else t
+        carry, ys = step(tuple(carry), tuple(a.read(index) for a in inputs))
+        outputs = [o.write(index, y) for o, y in zip(outputs, ys)]
         return t + 1, list(carry), outputs
 
     _, carry, outputs = tf.while_loop(

@@ -380,6 +380,53 @@ class GradientTest(test_case.LayerTestCase):
                 )
 
 
+    def test_written_gradient_equals_differentiated_loop(self):
+        # With other activations than the paper's the layer differentiates
+        # its loop; with the paper's it runs the gradient written out.
+        # Both must give the same gradients of every input and weight.
+        import tensorflow as tf
+
+        rng = np.random.default_rng(11)
+        x = tf.constant(rng.normal(size=(6, 5, 2)))
+        mask = np.ones((6, 5), bool)
+        mask[:2, 3:] = False
+        mask[:, 4] = False
+        probes = [rng.normal(size=s) for s in ((6, 5, UNITS), (6, UNITS))]
+        results, weights = [], None
+        for activations in (
+            {},
+            {"activation": lambda v: keras.ops.tanh(v),
+             "recurrent_activation": lambda v: keras.ops.sigmoid(v)},
+        ):
+            layer = keras_bn.BNLSTM(
+                UNITS, return_sequences=True, return_state=True,
+                recurrent_dropout=0.3, initial_state_noise=0.1, seed=3,
+                dtype="float64", **activations,
+            )
+            layer.build(x.shape)
+            if weights is None:
+                randomize(layer, rng)
+                weights = layer.get_weights()
+            layer.set_weights(weights)
+
+            @tf.function
+            def gradients(layer=layer):
+                with tf.GradientTape() as tape:
+                    tape.watch(x)
+                    y, _, c = layer(x, training=True, mask=mask)
+                    loss = tf.reduce_sum(y * probes[0]) + tf.reduce_sum(
+                        c * probes[1]
+                    )
+                return tape.gradient(loss, [x] + layer.trainable_weights)
+
+            results.append(
+                [np.asarray(g) for g in gradients()]
+                + [np.asarray(v) for v in layer.non_trainable_weights]
+            )
+        for written, differentiated in zip(*results):
+            self.assertAllClose(written, differentiated, atol=1e-10)
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="uses jax.grad"
 )
@@ -732,6 +779,21 @@ class ValidationTest(test_case.LayerTestCase):
              keras_bn.BNLSTM(UNITS, max_timesteps=4)]
         )
         self.assertEqual(model.layers[0].cell.moving_cell_mean.shape, (4, 3))
+
+    def test_config_holds_the_resolved_max_timesteps(self):
+        layer = keras_bn.BNLSTM(UNITS)
+        self.assertIsNone(layer.get_config()["max_timesteps"])
+        layer.build((2, 5, FEATURES))
+        config = layer.get_config()
+        self.assertEqual(config["max_timesteps"], 5)
+        # Rebuilds the same weights without a known number of steps.
+        copy = keras_bn.BNLSTM.from_config(config)
+        copy.build((2, None, FEATURES))
+        copy.set_weights(layer.get_weights())
+        # Configs written with `None` still load.
+        old = keras_bn.BNLSTM.from_config({**config, "max_timesteps": None})
+        old.build((2, 5, FEATURES))
+        self.assertEqual(old.cell.moving_cell_mean.shape, (5, UNITS))
 
     def test_wrong_number_of_initial_states(self):
         layer = keras_bn.BNLSTM(UNITS)
