@@ -1,10 +1,10 @@
 """Population statistics recomputed with frozen weights (PreciseBN)."""
 
 import math
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_bn import _graph
 from keras_bn import _statistics
@@ -133,19 +133,15 @@ def recompute_statistics(
         v for v in model.non_trainable_variables
         if id(v) not in recomputed_ids
     ]
-    saved = [v.numpy() for v in others]
-    saved_recomputed = [v.numpy() for v in recomputed]
+    saved = [_numpy(v) for v in others]
+    saved_recomputed = [_numpy(v) for v in recomputed]
 
     momentum = keras.Variable(
         0.0, dtype="float32", trainable=False, autocast=False, name="momentum"
     )
     momenta = [layer.momentum for layer in bn_layers]
     trainable = [layer.trainable for layer in bn_layers + row_layers]
-    forward = tf.function(
-        lambda x: model(x, training=True),
-        jit_compile=jit_compile,
-        reduce_retracing=True,
-    )
+    forward = _forward(model, jit_compile, extra_variables=[momentum])
     target = _num_batches(data, batch_size)
     if target is None or (steps is not None and steps < target):
         target = steps
@@ -278,7 +274,7 @@ def _num_batches(data, batch_size):
     if isinstance(data, dict) or _is_array(data):
         size = len(keras.tree.flatten(data)[0])
         return math.ceil(size / batch_size)
-    if isinstance(data, tf.data.Dataset):
+    if _is_tf_dataset(data):
         cardinality = int(data.cardinality())
         return cardinality if cardinality >= 0 else None
     try:
@@ -312,12 +308,11 @@ class _RowAverage:
         self.counter.assign(np.zeros(self.counter.shape))
 
     def end_batch(self):
-        updated = np.asarray(self.counter) > 0
+        updated = _numpy(self.counter) > 0
         self.counts += updated
         for total, weight in zip(self.totals, self.weights):
-            total += np.where(
-                self._rows(updated, weight), np.asarray(weight, "float64"), 0.0
-            )
+            value = _numpy(weight).astype("float64")
+            total += np.where(self._rows(updated, weight), value, 0.0)
 
     def assign(self):
         for total, weight in zip(self.totals, self.weights):
@@ -327,7 +322,7 @@ class _RowAverage:
                 np.where(
                     counts > 0,
                     total / np.maximum(counts, 1.0),
-                    np.asarray(weight),
+                    _numpy(weight),
                 )
             )
 
@@ -362,8 +357,135 @@ def _batches(data, batch_size):
         return
     for batch in data:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        yield x
+        yield _foreign_to_numpy(x)
+
+
+def _forward(model, jit_compile, extra_variables):
+    """A function that runs `model` on a batch in training mode.
+
+    TensorFlow runs it as a `tf.function` (compiled with XLA when
+    `jit_compile`), JAX as one `jax.jit`-compiled stateless call whose new
+    state is written back to the variables, and PyTorch eagerly without
+    recording gradients. `extra_variables` are variables outside `model`
+    that its layers read (the averaging momentum): JAX must see them as
+    inputs, not as constants of the compiled function.
+    """
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(
+            lambda x: model(x, training=True),
+            jit_compile=jit_compile,
+            reduce_retracing=True,
+        )
+    if name == "jax":
+        return _jax_forward(model, extra_variables)
+    if jit_compile:
+        raise ValueError(
+            "Argument `jit_compile=True` asks for an XLA-compiled forward "
+            f"pass, which the TensorFlow and JAX backends give; the backend "
+            f"is {name}. Use `jit_compile=False`. Received: jit_compile=True"
+        )
+    if name == "torch":
+        import torch
+
+        def forward(x):
+            with torch.no_grad():
+                model(x, training=True)
+
+        return forward
+    return lambda x: model(x, training=True)
+
+
+def _jax_forward(model, extra_variables):
+    import jax
+
+    variables = _unique(
+        model.trainable_variables
+        + model.non_trainable_variables
+        + list(extra_variables)
+    )
+    position = {id(v): i for i, v in enumerate(variables)}
+    # Only non-trainable state moves in a forward pass.
+    updated = _unique(model.non_trainable_variables)
+
+    @jax.jit
+    def step(values, x):
+        mapping = list(zip(variables, values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            model(x, training=True)
+        new = []
+        for variable in updated:
+            current = scope.get_current_value(variable)
+            if current is None:
+                current = values[position[id(variable)]]
+            new.append(current)
+        return new
+
+    def forward(x):
+        new = step([v.value for v in variables], x)
+        for variable, value in zip(updated, new):
+            variable.assign(value)
+
+    return forward
+
+
+def _unique(variables):
+    seen = set()
+    return [
+        v for v in variables if id(v) not in seen and not seen.add(id(v))
+    ]
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable)
+
+
+def _is_tf_dataset(data):
+    # TensorFlow is imported by whoever made a `tf.data.Dataset`; keras_bn
+    # does not import it on other backends.
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(data, tf.data.Dataset)
+
+
+def _framework(value):
+    """`"tensorflow"` or `"torch"` for a tensor of theirs, else `None`.
+
+    Neither is imported here: a tensor of one exists only once its user
+    imported it.
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and tf.is_tensor(value):
+        return "tensorflow"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return "torch"
+    return None
+
+
+def _foreign_to_numpy(x):
+    """`x` with TensorFlow and PyTorch tensors of another backend as NumPy.
+
+    A `tf.data.Dataset` or a PyTorch `DataLoader` gives its own tensors,
+    which other backends' compiled functions do not take.
+    """
+    backend_name = keras.backend.backend()
+
+    def convert(value):
+        framework = _framework(value)
+        if framework is None or framework == backend_name:
+            return value
+        if framework == "torch":
+            return value.detach().cpu().numpy()
+        return value.numpy()
+
+    return keras.tree.map_structure(convert, x)
 
 
 def _is_array(data):
-    return isinstance(data, np.ndarray) or tf.is_tensor(data)
+    return (
+        isinstance(data, np.ndarray)
+        or keras.ops.is_tensor(data)
+        or _framework(data) is not None
+    )

@@ -15,6 +15,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -46,10 +47,57 @@ def mirrored_strategy():
     return tf.distribute.MirroredStrategy(["CPU:0", "CPU:1"])
 
 
+TENSORFLOW = keras.backend.backend() == "tensorflow"
+
+
+def needs_tensorflow(why):
+    """Skips a test of what only TensorFlow has, saying what that is."""
+    return pytest.mark.skipif(
+        not TENSORFLOW, reason=f"needs TensorFlow: {why}"
+    )
+
+
+def to_numpy(x):
+    """A NumPy copy of a tensor or variable of any backend."""
+    return keras.ops.convert_to_numpy(x)
+
+
+def jit_call(model, x, training=False):
+    """`model(x)` compiled with XLA: `tf.function` or `jax.jit`.
+
+    PyTorch has no XLA compilation in Keras; there the call is eager.
+    """
+    backend_name = keras.backend.backend()
+    if backend_name == "tensorflow":
+        import tensorflow as tf
+
+        call = tf.function(
+            lambda x: model(x, training=training), jit_compile=True
+        )
+        return to_numpy(call(x))
+    if backend_name == "jax":
+        import jax
+
+        @jax.jit
+        def call(trainable, non_trainable, x):
+            return model.stateless_call(
+                trainable, non_trainable, x, training=training
+            )[0]
+
+        return to_numpy(
+            call(
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                x,
+            )
+        )
+    return to_numpy(model(x, training=training))
+
+
 class LayerTestCase(parameterized.TestCase):
     def assertAllClose(self, actual, desired, atol=1e-5, rtol=1e-5, msg=""):
         np.testing.assert_allclose(
-            np.asarray(actual), np.asarray(desired), atol=atol, rtol=rtol,
+            to_numpy(actual), to_numpy(desired), atol=atol, rtol=rtol,
             err_msg=msg,
         )
 
