@@ -66,8 +66,12 @@ def recompute_statistics(
     equal-weight average over the batches that updated it, and the counters
     are restored.
 
-    Under a `tf.distribute` strategy the model runs outside the replicas on
-    the whole batch, so the statistics are those of the full batch.
+    It runs on every Keras backend and imports TensorFlow only on the
+    TensorFlow backend: there the pass is a `tf.function`, on JAX one
+    `jax.jit`-compiled stateless call, on PyTorch an eager call without
+    gradients. Under a `tf.distribute` strategy the model runs outside the
+    replicas on the whole batch, so the statistics are those of the full
+    batch.
 
     A model without batch normalization (no layer above, and none with
     `population_statistics()`) raises a `ValueError` rather than returning
@@ -77,16 +81,20 @@ def recompute_statistics(
 
     Args:
         model: A built Keras model (or layer).
-        data: The batches: a `tf.data.Dataset`, a `keras.utils.PyDataset`,
-            an iterable or generator of batches, or an array (or a dict of
-            arrays, for named inputs) cut into batches of `batch_size`. A
-            batch given as `(x, y)` or `(x, y, sample_weight)` uses `x`.
+        data: The batches: a `keras.utils.PyDataset`, an iterable or
+            generator of batches, a `tf.data.Dataset` (where TensorFlow is
+            installed, on any backend), a PyTorch `DataLoader`, or an array
+            or tensor (or a dict of them, for named inputs) cut into batches
+            of `batch_size`. A batch given as `(x, y)` or
+            `(x, y, sample_weight)` uses `x`.
         steps: Positive integer, the number of batches to use, or `None` for
             all of `data` (which must then be finite). Defaults to `None`.
         batch_size: Positive integer, the batch size for NumPy `data`.
             Defaults to `32`.
-        jit_compile: Whether to compile the forward pass with XLA. Defaults
-            to `False`.
+        jit_compile: Whether to compile the forward pass with XLA on the
+            TensorFlow backend. JAX always compiles it (with `jax.jit`);
+            the PyTorch backend has no XLA and raises a `ValueError` for
+            `True`. Defaults to `False`.
         verbose: `1` shows a progress bar (with the number of batches when
             it is known: for arrays, sized datasets and `steps`), `0` shows
             nothing. Defaults to `0`, as in `keras_bn.callbacks.PreciseBN`.
@@ -115,7 +123,7 @@ def recompute_statistics(
     """
     steps = _validation.integer("steps", steps, 1, allow_none=True)
     batch_size = _validation.integer("batch_size", batch_size, 1)
-    jit_compile = _validation.boolean("jit_compile", jit_compile)
+    jit_compile = check_jit_compile(jit_compile)
     _validation.choice("verbose", verbose, (0, 1))
     bn_layers, row_layers = statistics_layers(model)
     averages = [
@@ -222,6 +230,19 @@ def statistics_layers(model):
             f"none. Received: model={model!r}"
         )
     return bn_layers, row_layers
+
+
+def check_jit_compile(jit_compile):
+    """`jit_compile` as a bool, or a `ValueError` if it cannot be honoured."""
+    jit_compile = _validation.boolean("jit_compile", jit_compile)
+    name = keras.backend.backend()
+    if jit_compile and name not in ("tensorflow", "jax"):
+        raise ValueError(
+            "Argument `jit_compile=True` asks for an XLA-compiled forward "
+            f"pass, which the TensorFlow and JAX backends give; the backend "
+            f"is {name}. Use `jit_compile=False`. Received: jit_compile=True"
+        )
+    return jit_compile
 
 
 def _check_input_shape(model, x, data):
@@ -381,12 +402,6 @@ def _forward(model, jit_compile, extra_variables):
         )
     if name == "jax":
         return _jax_forward(model, extra_variables)
-    if jit_compile:
-        raise ValueError(
-            "Argument `jit_compile=True` asks for an XLA-compiled forward "
-            f"pass, which the TensorFlow and JAX backends give; the backend "
-            f"is {name}. Use `jit_compile=False`. Received: jit_compile=True"
-        )
     if name == "torch":
         import torch
 
