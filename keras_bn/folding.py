@@ -206,7 +206,7 @@ def _foldable(producer, bn):
 
 def _folded_weights(producer, bn):
     """`[kernel, bias]` of `producer` with `bn`'s inference map folded in."""
-    weights = {w.name: np.asarray(w, "float64") for w in bn.weights}
+    weights = {w.name: _float64(w) for w in bn.weights}
     variance = weights["moving_variance"]
     scale, offset = _statistics.affine(
         weights["moving_mean"],
@@ -216,13 +216,13 @@ def _folded_weights(producer, bn):
         weights.get("beta"),
     )
     scale = np.broadcast_to(scale, variance.shape)
-    kernel = np.asarray(producer.kernel, "float64")
+    kernel = _float64(producer.kernel)
     if isinstance(producer, keras.layers.DepthwiseConv2D):
         kernel_scale = scale.reshape(kernel.shape[-2:])
     else:
         kernel_scale = scale
     bias = (
-        np.asarray(producer.bias, "float64")
+        _float64(producer.bias)
         if producer.use_bias
         else np.zeros(variance.shape)
     )
@@ -231,3 +231,8 @@ def _folded_weights(producer, bn):
         (kernel * kernel_scale).astype(producer.kernel.dtype),
         bias.astype(producer.kernel.dtype),
     ]
+
+
+def _float64(variable):
+    # `np.asarray` fails on PyTorch tensors that require grad.
+    return keras.ops.convert_to_numpy(variable).astype("float64")
