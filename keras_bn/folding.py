@@ -48,7 +48,7 @@ def fold_batch_normalization(model):
     The copy is for inference: in inference mode its outputs equal the
     original's up to float rounding (the folded weights are computed in
     float64), while in training mode it no longer normalizes. It is not
-    compiled.
+    compiled. Folding works on every Keras backend.
 
     Args:
         model: A built Sequential or Functional model.
