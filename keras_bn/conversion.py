@@ -94,7 +94,8 @@ def convert_batch_normalization(
     >>> new.layers[1].virtual_batch_size
     8
     >>> x = np.ones((2, 4), "float32")
-    >>> bool(np.allclose(new(x), model(x)))
+    >>> numpy = keras.ops.convert_to_numpy
+    >>> bool(np.allclose(numpy(new(x)), numpy(model(x))))
     True
 
     Reference:

@@ -72,7 +72,8 @@ def fold_batch_normalization(model):
     >>> folded
     [('dense', 'bn')]
     >>> x = np.ones((2, 4), "float32")
-    >>> bool(np.allclose(folded_model(x), model(x), atol=1e-6))
+    >>> numpy = keras.ops.convert_to_numpy
+    >>> bool(np.allclose(numpy(folded_model(x)), numpy(model(x)), atol=1e-6))
     True
     """
     if not _graph.is_graph_model(model) or not model.built:
