@@ -23,21 +23,23 @@ class PreciseBN(keras.callbacks.Callback):
     model all use them. Training itself is unchanged: in training mode the
     layers normalize with batch statistics, and the moving averages go on
     from the recomputed values. A model without batch normalization raises
-    a `ValueError` when training begins.
+    a `ValueError` when training begins. It works on every Keras backend.
 
     Args:
-        data: The batches: a `tf.data.Dataset`, an iterable of batches that
-            can be iterated again every time (a generator cannot), or a
-            NumPy array cut into batches of `batch_size`. `(x, y)` batches
-            use `x`.
+        data: The batches: an iterable of batches that can be iterated
+            again every time (a generator cannot), such as a
+            `keras.utils.PyDataset`, a `tf.data.Dataset` (where TensorFlow
+            is installed) or a PyTorch `DataLoader`, or a NumPy array cut
+            into batches of `batch_size`. `(x, y)` batches use `x`.
         steps: Positive integer, the number of batches to use each time, or
             `None` for all of `data`. Defaults to `None`.
         every_n_epochs: Positive integer, how often to recompute. Defaults
             to `1`.
         batch_size: Positive integer, the batch size for NumPy `data`.
             Defaults to `32`.
-        jit_compile: Whether to compile the forward pass with XLA. Defaults
-            to `False`.
+        jit_compile: Whether to compile the forward pass with XLA, as in
+            `keras_bn.recompute_statistics` (TensorFlow; JAX always
+            compiles; PyTorch refuses `True`). Defaults to `False`.
         verbose: `1` shows a progress bar for each pass, `0` shows
             nothing. Defaults to `0`, as in `keras_bn.recompute_statistics`.
 
@@ -78,7 +80,7 @@ class PreciseBN(keras.callbacks.Callback):
         self.steps = steps
         self.every_n_epochs = int(every_n_epochs)
         self.batch_size = int(batch_size)
-        self.jit_compile = _validation.boolean("jit_compile", jit_compile)
+        self.jit_compile = population.check_jit_compile(jit_compile)
         self.verbose = verbose
         self._epoch = None
         self._recomputed_epoch = None

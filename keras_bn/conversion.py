@@ -48,7 +48,8 @@ def convert_batch_normalization(
     batches (`virtual_batch_size`), synchronized statistics with masks, a
     cumulative average (`momentum=None`). This is how to fine-tune a
     pretrained network, such as a `keras.applications` model, with them.
-    The copy is not compiled; `trainable` flags are kept.
+    The copy is not compiled; `trainable` flags are kept. Conversion works
+    on every Keras backend.
 
     The default class, `keras_bn.BatchNormalization`, trains exactly as
     core Keras does until `kwargs` ask for more, so converting on its own
@@ -93,7 +94,8 @@ def convert_batch_normalization(
     >>> new.layers[1].virtual_batch_size
     8
     >>> x = np.ones((2, 4), "float32")
-    >>> bool(np.allclose(new(x), model(x)))
+    >>> numpy = keras.ops.convert_to_numpy
+    >>> bool(np.allclose(numpy(new(x)), numpy(model(x))))
     True
 
     Reference:

@@ -1,10 +1,10 @@
 """Population statistics recomputed with frozen weights (PreciseBN)."""
 
 import math
+import sys
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from keras_bn import _graph
 from keras_bn import _statistics
@@ -66,8 +66,12 @@ def recompute_statistics(
     equal-weight average over the batches that updated it, and the counters
     are restored.
 
-    Under a `tf.distribute` strategy the model runs outside the replicas on
-    the whole batch, so the statistics are those of the full batch.
+    It runs on every Keras backend and imports TensorFlow only on the
+    TensorFlow backend: there the pass is a `tf.function`, on JAX one
+    `jax.jit`-compiled stateless call, on PyTorch an eager call without
+    gradients. Under a `tf.distribute` strategy the model runs outside the
+    replicas on the whole batch, so the statistics are those of the full
+    batch.
 
     A model without batch normalization (no layer above, and none with
     `population_statistics()`) raises a `ValueError` rather than returning
@@ -77,16 +81,20 @@ def recompute_statistics(
 
     Args:
         model: A built Keras model (or layer).
-        data: The batches: a `tf.data.Dataset`, a `keras.utils.PyDataset`,
-            an iterable or generator of batches, or an array (or a dict of
-            arrays, for named inputs) cut into batches of `batch_size`. A
-            batch given as `(x, y)` or `(x, y, sample_weight)` uses `x`.
+        data: The batches: a `keras.utils.PyDataset`, an iterable or
+            generator of batches, a `tf.data.Dataset` (where TensorFlow is
+            installed, on any backend), a PyTorch `DataLoader`, or an array
+            or tensor (or a dict of them, for named inputs) cut into batches
+            of `batch_size`. A batch given as `(x, y)` or
+            `(x, y, sample_weight)` uses `x`.
         steps: Positive integer, the number of batches to use, or `None` for
             all of `data` (which must then be finite). Defaults to `None`.
         batch_size: Positive integer, the batch size for NumPy `data`.
             Defaults to `32`.
-        jit_compile: Whether to compile the forward pass with XLA. Defaults
-            to `False`.
+        jit_compile: Whether to compile the forward pass with XLA on the
+            TensorFlow backend. JAX always compiles it (with `jax.jit`);
+            the PyTorch backend has no XLA and raises a `ValueError` for
+            `True`. Defaults to `False`.
         verbose: `1` shows a progress bar (with the number of batches when
             it is known: for arrays, sized datasets and `steps`), `0` shows
             nothing. Defaults to `0`, as in `keras_bn.callbacks.PreciseBN`.
@@ -115,7 +123,7 @@ def recompute_statistics(
     """
     steps = _validation.integer("steps", steps, 1, allow_none=True)
     batch_size = _validation.integer("batch_size", batch_size, 1)
-    jit_compile = _validation.boolean("jit_compile", jit_compile)
+    jit_compile = check_jit_compile(jit_compile)
     _validation.choice("verbose", verbose, (0, 1))
     bn_layers, row_layers = statistics_layers(model)
     averages = [
@@ -133,19 +141,15 @@ def recompute_statistics(
         v for v in model.non_trainable_variables
         if id(v) not in recomputed_ids
     ]
-    saved = [v.numpy() for v in others]
-    saved_recomputed = [v.numpy() for v in recomputed]
+    saved = [_numpy(v) for v in others]
+    saved_recomputed = [_numpy(v) for v in recomputed]
 
     momentum = keras.Variable(
         0.0, dtype="float32", trainable=False, autocast=False, name="momentum"
     )
     momenta = [layer.momentum for layer in bn_layers]
     trainable = [layer.trainable for layer in bn_layers + row_layers]
-    forward = tf.function(
-        lambda x: model(x, training=True),
-        jit_compile=jit_compile,
-        reduce_retracing=True,
-    )
+    forward = _forward(model, jit_compile, extra_variables=[momentum])
     target = _num_batches(data, batch_size)
     if target is None or (steps is not None and steps < target):
         target = steps
@@ -228,6 +232,19 @@ def statistics_layers(model):
     return bn_layers, row_layers
 
 
+def check_jit_compile(jit_compile):
+    """`jit_compile` as a bool, or a `ValueError` if it cannot be honoured."""
+    jit_compile = _validation.boolean("jit_compile", jit_compile)
+    name = keras.backend.backend()
+    if jit_compile and name not in ("tensorflow", "jax"):
+        raise ValueError(
+            "Argument `jit_compile=True` asks for an XLA-compiled forward "
+            f"pass, which the TensorFlow and JAX backends give; the backend "
+            f"is {name}. Use `jit_compile=False`. Received: jit_compile=True"
+        )
+    return jit_compile
+
+
 def _check_input_shape(model, x, data):
     """Raises a short error when batch `x` does not fit `model`'s input.
 
@@ -278,7 +295,7 @@ def _num_batches(data, batch_size):
     if isinstance(data, dict) or _is_array(data):
         size = len(keras.tree.flatten(data)[0])
         return math.ceil(size / batch_size)
-    if isinstance(data, tf.data.Dataset):
+    if _is_tf_dataset(data):
         cardinality = int(data.cardinality())
         return cardinality if cardinality >= 0 else None
     try:
@@ -312,12 +329,11 @@ class _RowAverage:
         self.counter.assign(np.zeros(self.counter.shape))
 
     def end_batch(self):
-        updated = np.asarray(self.counter) > 0
+        updated = _numpy(self.counter) > 0
         self.counts += updated
         for total, weight in zip(self.totals, self.weights):
-            total += np.where(
-                self._rows(updated, weight), np.asarray(weight, "float64"), 0.0
-            )
+            value = _numpy(weight).astype("float64")
+            total += np.where(self._rows(updated, weight), value, 0.0)
 
     def assign(self):
         for total, weight in zip(self.totals, self.weights):
@@ -327,7 +343,7 @@ class _RowAverage:
                 np.where(
                     counts > 0,
                     total / np.maximum(counts, 1.0),
-                    np.asarray(weight),
+                    _numpy(weight),
                 )
             )
 
@@ -362,8 +378,129 @@ def _batches(data, batch_size):
         return
     for batch in data:
         x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        yield x
+        yield _foreign_to_numpy(x)
+
+
+def _forward(model, jit_compile, extra_variables):
+    """A function that runs `model` on a batch in training mode.
+
+    TensorFlow runs it as a `tf.function` (compiled with XLA when
+    `jit_compile`), JAX as one `jax.jit`-compiled stateless call whose new
+    state is written back to the variables, and PyTorch eagerly without
+    recording gradients. `extra_variables` are variables outside `model`
+    that its layers read (the averaging momentum): JAX must see them as
+    inputs, not as constants of the compiled function.
+    """
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return tf.function(
+            lambda x: model(x, training=True),
+            jit_compile=jit_compile,
+            reduce_retracing=True,
+        )
+    if name == "jax":
+        return _jax_forward(model, extra_variables)
+    if name == "torch":
+        import torch
+
+        def forward(x):
+            with torch.no_grad():
+                model(x, training=True)
+
+        return forward
+    return lambda x: model(x, training=True)
+
+
+def _jax_forward(model, extra_variables):
+    import jax
+
+    variables = _unique(
+        model.trainable_variables
+        + model.non_trainable_variables
+        + list(extra_variables)
+    )
+    position = {id(v): i for i, v in enumerate(variables)}
+    # Only non-trainable state moves in a forward pass.
+    updated = _unique(model.non_trainable_variables)
+
+    @jax.jit
+    def step(values, x):
+        mapping = list(zip(variables, values))
+        with keras.StatelessScope(state_mapping=mapping) as scope:
+            model(x, training=True)
+        new = []
+        for variable in updated:
+            current = scope.get_current_value(variable)
+            if current is None:
+                current = values[position[id(variable)]]
+            new.append(current)
+        return new
+
+    def forward(x):
+        new = step([v.value for v in variables], x)
+        for variable, value in zip(updated, new):
+            variable.assign(value)
+
+    return forward
+
+
+def _unique(variables):
+    seen = set()
+    return [
+        v for v in variables if id(v) not in seen and not seen.add(id(v))
+    ]
+
+
+def _numpy(variable):
+    return keras.ops.convert_to_numpy(variable)
+
+
+def _is_tf_dataset(data):
+    # TensorFlow is imported by whoever made a `tf.data.Dataset`; keras_bn
+    # does not import it on other backends.
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(data, tf.data.Dataset)
+
+
+def _framework(value):
+    """`"tensorflow"` or `"torch"` for a tensor of theirs, else `None`.
+
+    Neither is imported here: a tensor of one exists only once its user
+    imported it.
+    """
+    tf = sys.modules.get("tensorflow")
+    if tf is not None and tf.is_tensor(value):
+        return "tensorflow"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(value, torch.Tensor):
+        return "torch"
+    return None
+
+
+def _foreign_to_numpy(x):
+    """`x` with TensorFlow and PyTorch tensors of another backend as NumPy.
+
+    A `tf.data.Dataset` or a PyTorch `DataLoader` gives its own tensors,
+    which other backends' compiled functions do not take.
+    """
+    backend_name = keras.backend.backend()
+
+    def convert(value):
+        framework = _framework(value)
+        if framework is None or framework == backend_name:
+            return value
+        if framework == "torch":
+            return value.detach().cpu().numpy()
+        return value.numpy()
+
+    return keras.tree.map_structure(convert, x)
 
 
 def _is_array(data):
-    return isinstance(data, np.ndarray) or tf.is_tensor(data)
+    return (
+        isinstance(data, np.ndarray)
+        or keras.ops.is_tensor(data)
+        or _framework(data) is not None
+    )

@@ -1,9 +1,9 @@
 """Step schedules for the clipping limits of batch renormalization.
 
 A schedule maps the layer's training step (an integer tensor) to a float
-tensor with `keras.ops`, so it runs eagerly, in `tf.function` and under
-`jit_compile`. Schedules are serializable Keras objects: they are saved in
-the layer's config and in `.keras` files.
+tensor with `keras.ops`, so it runs on every Keras backend, eagerly and
+compiled (`tf.function`, `jax.jit`). Schedules are serializable Keras
+objects: they are saved in the layer's config and in `.keras` files.
 """
 
 from keras import ops

@@ -3,7 +3,6 @@
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from absl.testing import parameterized
 
 import keras_bn
@@ -40,6 +39,10 @@ def batch_statistics(model, x, batch_size):
     )
 
 
+# XLA compiles on TensorFlow and JAX; Keras's PyTorch backend has no XLA.
+NO_XLA = keras.backend.backend() not in ("tensorflow", "jax")
+
+
 class CountingBatches:
     """Batches that can be iterated again, counting the passes."""
 
@@ -65,6 +68,8 @@ class PreciseBNTest(test_case.LayerTestCase):
         bn=["core", "keras_bn"], jit_compile=[False, True]
     )
     def test_statistics_after_fit(self, bn, jit_compile):
+        if jit_compile and NO_XLA:
+            self.skipTest("jit_compile needs XLA: TensorFlow or JAX")
         bn_class = {
             "core": keras.layers.BatchNormalization,
             "keras_bn": keras_bn.BatchNormalization,
@@ -116,12 +121,16 @@ class PreciseBNTest(test_case.LayerTestCase):
     def test_steps(self):
         model = make_model()
         x, y = data()
+        tf = pytest.importorskip(
+            "tensorflow", reason="needs TensorFlow: tf.data is TensorFlow's"
+        )
         dataset = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
         callback = keras_bn.callbacks.PreciseBN(dataset.repeat(), steps=2)
         model.fit(x, y, batch_size=16, epochs=1, callbacks=[callback],
                   verbose=0)
         self.assert_precise(model, x[:32], 16)
 
+    @test_case.needs_tensorflow("tf.distribute.MirroredStrategy")
     def test_mirrored_strategy(self):
         strategy = test_case.mirrored_strategy()
         with strategy.scope():
@@ -146,12 +155,20 @@ class PreciseBNTest(test_case.LayerTestCase):
             keras_bn.callbacks.PreciseBN(data()[0], **kwargs)
         self.assertIn(f"Received: {message}", str(error.value))
 
+    @pytest.mark.skipif(not NO_XLA, reason="the backend compiles with XLA")
+    def test_jit_compile_without_xla(self):
+        with pytest.raises(ValueError) as error:
+            keras_bn.callbacks.PreciseBN(data()[0], jit_compile=True)
+        message = str(error.value)
+        self.assertIn(f"the backend is {keras.backend.backend()}", message)
+        self.assertTrue(message.endswith("Received: jit_compile=True"))
+
     def test_model_without_batch_normalization_fails_before_training(self):
         model = keras.Sequential(
             [keras.Input((5,)), keras.layers.Dense(1, name="head")]
         )
         model.compile(optimizer="sgd", loss="mse")
-        before = np.asarray(model.get_layer("head").kernel)
+        before = test_case.to_numpy(model.get_layer("head").kernel)
         x, y = data()
         with pytest.raises(ValueError) as error:
             model.fit(x, y, callbacks=[keras_bn.callbacks.PreciseBN(x)],

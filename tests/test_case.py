@@ -15,6 +15,7 @@ import tempfile
 
 import keras
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -52,6 +53,53 @@ def _numpy(value):
     if isinstance(value, (list, tuple)):
         return np.asarray([_numpy(v) for v in value])
     return np.asarray(keras.ops.convert_to_numpy(value))
+
+
+TENSORFLOW = keras.backend.backend() == "tensorflow"
+
+
+def needs_tensorflow(why):
+    """Skips a test of what only TensorFlow has, saying what that is."""
+    return pytest.mark.skipif(
+        not TENSORFLOW, reason=f"needs TensorFlow: {why}"
+    )
+
+
+def to_numpy(x):
+    """A NumPy copy of a tensor or variable of any backend."""
+    return keras.ops.convert_to_numpy(x)
+
+
+def jit_call(model, x, training=False):
+    """`model(x)` compiled with XLA: `tf.function` or `jax.jit`.
+
+    PyTorch has no XLA compilation in Keras; there the call is eager.
+    """
+    backend_name = keras.backend.backend()
+    if backend_name == "tensorflow":
+        import tensorflow as tf
+
+        call = tf.function(
+            lambda x: model(x, training=training), jit_compile=True
+        )
+        return to_numpy(call(x))
+    if backend_name == "jax":
+        import jax
+
+        @jax.jit
+        def call(trainable, non_trainable, x):
+            return model.stateless_call(
+                trainable, non_trainable, x, training=training
+            )[0]
+
+        return to_numpy(
+            call(
+                [v.value for v in model.trainable_variables],
+                [v.value for v in model.non_trainable_variables],
+                x,
+            )
+        )
+    return to_numpy(model(x, training=training))
 
 
 class LayerTestCase(parameterized.TestCase):

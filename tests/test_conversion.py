@@ -6,7 +6,6 @@ import tempfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from absl.testing import parameterized
 
 import keras_bn
@@ -105,7 +104,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         if num_bn == 0:
             for a, b in zip(model.weights, converted.weights):
                 self.assertAllClose(b, a, atol=0, rtol=0)
-        expected = np.asarray(model(x, training=False))
+        expected = test_case.to_numpy(model(x, training=False))
         # Float32 rounding differences grow through 50 layers.
         self.assertAllClose(
             converted(x, training=False),
@@ -207,7 +206,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         self.assertEqual(count(converted, keras_bn.BatchRenormalization), 2)
         original = model.get_layer("head_bn")
         head = converted.get_layer("head_bn")
-        stddev = np.sqrt(np.asarray(original.moving_variance) + 1e-2)
+        stddev = np.sqrt(test_case.to_numpy(original.moving_variance) + 1e-2)
         self.assertAllClose(head.moving_stddev, stddev, rtol=1e-6)
         self.assertAllClose(head.renorm_stddev, stddev, rtol=1e-6)
         self.assertAllClose(head.renorm_mean, original.moving_mean, atol=0)
@@ -247,9 +246,9 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         )
         x = np.random.default_rng(1).normal(size=(4, 6, 6, 3))
         x = x.astype("float32")
-        expected = np.asarray(converted(x))
+        expected = test_case.to_numpy(converted(x))
         self.assertAllClose(
-            tf.function(converted, jit_compile=True)(x),
+            test_case.jit_call(converted, x),
             expected, rtol=1e-5, atol=1e-6,
         )
         with tempfile.TemporaryDirectory() as tmp:
@@ -261,6 +260,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
             loaded.get_layer("head_bn").virtual_batch_size, 2
         )
 
+    @test_case.needs_tensorflow("tf.distribute.MirroredStrategy")
     def test_mirrored_strategy_synchronized(self):
         strategy = test_case.mirrored_strategy()
         with strategy.scope():

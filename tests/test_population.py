@@ -10,7 +10,6 @@ import tempfile
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from absl.testing import parameterized
 
 import keras_bn
@@ -64,6 +63,26 @@ def reference_statistics(model, batches):
         name: tuple(np.mean([s[i] for s in values], axis=0) for i in (0, 1))
         for name, values in stats.items()
     }
+
+
+def tf_data():
+    """`tf.data`, which keras_bn takes on every backend when it is there."""
+    tf = pytest.importorskip(
+        "tensorflow", reason="needs TensorFlow: tf.data is TensorFlow's"
+    )
+    return tf.data
+
+
+def torch_loader(x, batch_size):
+    torch = pytest.importorskip(
+        "torch", reason="needs PyTorch: DataLoader is PyTorch's"
+    )
+    dataset = torch.utils.data.TensorDataset(torch.from_numpy(x))
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+# XLA compiles on TensorFlow and JAX; Keras's PyTorch backend has no XLA.
+NO_XLA = keras.backend.backend() not in ("tensorflow", "jax")
 
 
 def data(num=96, seed=0):
@@ -124,10 +143,10 @@ class StepStatistics(keras.layers.Layer):
             for weight, value in (
                 (self.moving_mean, mean), (self.moving_variance, variance)
             ):
+                # `.value`: JAX takes no Keras variable in `where`.
+                old = weight.value
                 weight.assign(
-                    ops.where(
-                        updated, weight * decay + value * (1.0 - decay), weight
-                    )
+                    ops.where(updated, old * decay + value * (1.0 - decay), old)
                 )
             self.updates.assign_add(ops.cast(updated[:, 0], "float32"))
         return x
@@ -147,6 +166,8 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
 
     @parameterized.product(bn=list(BN_CLASSES), jit_compile=[False, True])
     def test_equal_weight_average(self, bn, jit_compile):
+        if jit_compile and NO_XLA:
+            self.skipTest("jit_compile needs XLA: TensorFlow or JAX")
         model = make_model(BN_CLASSES[bn], momentum=0.9)
         x = data()
         trainable = [np.asarray(w) for w in model.trainable_weights]
@@ -169,19 +190,20 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         ("array", lambda x: x, False),
         (
             "dataset",
-            lambda x: tf.data.Dataset.from_tensor_slices(x).batch(32),
+            lambda x: tf_data().Dataset.from_tensor_slices(x).batch(32),
             False,
         ),
         (
             "dataset_xy",
-            lambda x: tf.data.Dataset.from_tensor_slices((x, x[:, :3])).batch(
+            lambda x: tf_data().Dataset.from_tensor_slices((x, x[:, :3])).batch(
                 32
             ),
             False,
         ),
         ("generator", lambda x: (b for b in split(x, 32)), False),
         ("list_of_xy", lambda x: [(b, None) for b in split(x, 32)], False),
-        ("tensor", tf.constant, False),
+        ("tensor", keras.ops.convert_to_tensor, False),
+        ("torch_data_loader", lambda x: torch_loader(x, 32), False),
         ("dict", lambda x: {"features": x}, True),
         ("py_dataset", lambda x: Batches(x, 32), False),
     )
@@ -197,7 +219,7 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
     def test_steps_limits_batches(self):
         model = make_model(keras.layers.BatchNormalization)
         x = data()
-        dataset = tf.data.Dataset.from_tensor_slices(x).batch(16).repeat()
+        dataset = tf_data().Dataset.from_tensor_slices(x).batch(16).repeat()
         count = keras_bn.recompute_statistics(
             model, dataset, steps=2, verbose=1
         )
@@ -298,6 +320,7 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         self.assertAllClose(loaded.predict(x, verbose=0), expected, atol=0)
 
     @parameterized.named_parameters(("plain", False), ("synchronized", True))
+    @test_case.needs_tensorflow("tf.distribute.MirroredStrategy")
     def test_mirrored_strategy(self, synchronized):
         strategy = test_case.mirrored_strategy()
         with strategy.scope():
@@ -310,6 +333,8 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
 
     @parameterized.named_parameters(("eager", False), ("jit", True))
     def test_rows_counted_by_the_layer(self, jit_compile):
+        if jit_compile and NO_XLA:
+            self.skipTest("jit_compile needs XLA: TensorFlow or JAX")
         rng = np.random.default_rng(3)
         x = rng.normal(1.0, 2.0, (24, 5, 3)).astype("float32")
         x[:, 4] = 0.0  # Step 4 is never seen.
@@ -374,7 +399,7 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         ("array", lambda x: x, False, "(None, 5)", "(32, 7)"),
         (
             "dataset",
-            lambda x: tf.data.Dataset.from_tensor_slices(x).batch(16),
+            lambda x: tf_data().Dataset.from_tensor_slices(x).batch(16),
             False, "(None, 5)", "(16, 7)",
         ),
         ("dict", lambda x: {"features": x}, True, "(None, 5)", "(32, 7)"),
@@ -400,13 +425,13 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         ("array", lambda x: x, {}, "3/3"),
         (
             "dataset",
-            lambda x: tf.data.Dataset.from_tensor_slices(x).batch(32),
+            lambda x: tf_data().Dataset.from_tensor_slices(x).batch(32),
             {}, "3/3",
         ),
         ("py_dataset", lambda x: Batches(x, 32), {}, "3/3"),
         (
             "steps",
-            lambda x: tf.data.Dataset.from_tensor_slices(x).repeat().batch(
+            lambda x: tf_data().Dataset.from_tensor_slices(x).repeat().batch(
                 32
             ),
             {"steps": 2}, "2/2",
@@ -455,6 +480,19 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         with pytest.raises(ValueError) as error:
             keras_bn.recompute_statistics(model, data(), **kwargs)
         self.assertIn(f"Received: {message}", str(error.value))
+
+    @pytest.mark.skipif(not NO_XLA, reason="the backend compiles with XLA")
+    def test_jit_compile_without_xla(self):
+        model = make_model(keras_bn.BatchNormalization)
+        before = [test_case.to_numpy(v) for v in model.variables]
+        with pytest.raises(ValueError) as error:
+            keras_bn.recompute_statistics(model, data(), jit_compile=True)
+        message = str(error.value)
+        self.assertIn(keras.backend.backend(), message)
+        self.assertIn("Use `jit_compile=False`", message)
+        self.assertTrue(message.endswith("Received: jit_compile=True"))
+        for variable, value in zip(model.variables, before):
+            self.assertAllClose(variable, value, atol=0, rtol=0)
 
     def test_empty_data(self):
         model = make_model(keras_bn.BatchNormalization)

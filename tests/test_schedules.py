@@ -83,15 +83,49 @@ class LinearRampTest(test_case.LayerTestCase):
             step = keras.ops.convert_to_tensor(10, dtype)
             self.assertAllClose(ramp(step), 2.0)
 
-    @pytest.mark.skipif(not TF, reason="uses tf.function")
+    @pytest.mark.skipif(
+        keras.backend.backend() not in ("tensorflow", "jax"),
+        reason="XLA compilation: tf.function or jax.jit",
+    )
     def test_jit_compile_equals_eager(self):
-        import tensorflow as tf
-
         ramp = schedules.LinearRamp(0.5, 3.0, 7, 31)
-        compiled = tf.function(ramp, jit_compile=True)
+        if TF:
+            import tensorflow as tf
+
+            compiled = tf.function(ramp, jit_compile=True)
+        else:
+            import jax
+
+            compiled = jax.jit(ramp)
         for step in (0, 7, 8, 19, 31, 1000):
-            step = tf.constant(step, tf.int32)
+            step = keras.ops.convert_to_tensor(step, "int32")
             self.assertAllClose(compiled(step), ramp(step), atol=0, rtol=0)
+            expected = np.interp(int(step), [7, 31], [0.5, 3.0])
+            self.assertAllClose(compiled(step), expected, rtol=1e-6)
+
+    def test_schedule_in_training_and_diagnostics(self):
+        # The limits the layer reports after `n` training steps are the
+        # schedule's at step `n`, on every backend, in `fit` as compiled
+        # by that backend.
+        layer = keras_bn.BatchRenormalization(
+            renorm_clipping={
+                "rmax": schedules.LinearRamp(1.0, 3.0, 1, 5),
+                "dmax": schedules.LinearRamp(0.0, 5.0, 1, 3),
+            },
+            name="bn",
+        )
+        model = keras.Sequential([keras.Input((3,)), layer])
+        model.compile(optimizer="sgd", loss="mse")
+        x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+        model.fit(x, x, batch_size=4, epochs=1, verbose=0)
+        stats = layer.renorm_diagnostics()
+        self.assertEqual(int(test_case.to_numpy(stats["step"])), 2)
+        self.assertAllClose(stats["rmax"], np.interp(2, [1, 5], [1.0, 3.0]))
+        self.assertAllClose(stats["dmax"], np.interp(2, [1, 3], [0.0, 5.0]))
+        self.assertAllClose(stats["rmin"], 0.0)
+        for key in ("r_clipped", "d_clipped"):
+            fraction = float(test_case.to_numpy(stats[key]))
+            self.assertBetween(fraction, 0.0, 1.0)
 
     @parameterized.named_parameters(
         ("end_before_start", {"start_step": 10, "end_step": 5},
