@@ -203,16 +203,10 @@ def _choose_torch(call):
 
 def torch_problems(call):
     """Why PyTorch's kernel cannot serve `call` (empty: it can)."""
-    problems = config_problems(
+    problems = _call_problems(call, TORCH_DTYPES, config_problems(
         call.backend, call.last_axis_only, call.ghost, call.epsilon,
         call.adjacent_axes,
-    )
-    if call.dtype not in TORCH_DTYPES:
-        problems.append(f"the input's dtype is {call.dtype}")
-    if call.training and call.masked:
-        problems.append("the call has a mask")
-    if call.training and call.synchronizing:
-        problems.extend(_synchronizing())
+    ))
     if call.training and call.elements == 0:
         problems.append("the batch is empty")
     return problems
@@ -253,10 +247,16 @@ def choose_recurrent_input(backend, device, eager, xla_compiling):
 
 def fused_problems(call):
     """Why TensorFlow's fused kernel cannot serve `call` (empty: it can)."""
-    problems = config_problems(
+    return _call_problems(call, FUSED_DTYPES, config_problems(
         call.backend, call.last_axis_only, call.ghost, call.epsilon
-    )
-    if call.dtype not in FUSED_DTYPES:
+    ))
+
+
+def _call_problems(call, dtypes, problems):
+    """`problems` (the configuration's) and what rules a kernel out for
+    this call: a dtype not in `dtypes`, or in training a mask or
+    synchronization in progress."""
+    if call.dtype not in dtypes:
         problems.append(f"the input's dtype is {call.dtype}")
     if call.training and call.masked:
         problems.append("the call has a mask")
