@@ -532,6 +532,7 @@ class BatchNormalization(layers.Layer):
                 lambda mean, variance: self._normalized_affine(
                     mean, variance, lambda w: self._broadcast(w, x.dtype)
                 ),
+                self._affine_uses_statistics,
             )
         else:
             mean, variance, count = _statistics.moments(
