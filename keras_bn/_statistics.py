@@ -15,6 +15,7 @@ Conventions:
 """
 
 import functools
+import math
 
 import numpy as np
 from keras import backend
@@ -154,12 +155,14 @@ def moments(x, axes, mask=None, synchronized=False):
     """
     ctx = replica_context() if synchronized else None
     if mask is None and ctx is None:
-        mean = ops.mean(x, axis=axes, keepdims=True)
-        variance = ops.mean(
+        # Sums over the count, not `ops.mean`: Keras 3.15's torch `mean`
+        # accumulates float64 in float32.
+        count = _element_count(x, axes)
+        mean = ops.sum(x, axis=axes, keepdims=True) / count
+        squares = ops.sum(
             ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True
         )
-        count = _element_count(x, axes)
-        return mean, ops.maximum(variance, 0.0), count
+        return mean, at_least(squares / count, 0.0), count
 
     if mask is None:
         total = ops.sum(x, axis=axes, keepdims=True)
@@ -172,7 +175,7 @@ def moments(x, axes, mask=None, synchronized=False):
         )
     if ctx is not None:
         total, count = cross_replica_sum([total, count])
-    safe_count = ops.maximum(count, 1.0)
+    safe_count = at_least(count, 1.0)
     mean = total / safe_count
 
     deviation = ops.square(x - ops.stop_gradient(mean))
@@ -181,7 +184,7 @@ def moments(x, axes, mask=None, synchronized=False):
     squares = ops.sum(deviation, axis=axes, keepdims=True)
     if ctx is not None:
         (squares,) = cross_replica_sum([squares])
-    variance = ops.maximum(squares / safe_count, 0.0)
+    variance = at_least(squares / safe_count, 0.0)
     return mean, variance, count
 
 
@@ -258,7 +261,7 @@ def combine_ghosts(mean, variance, count, synchronized=False):
     if synchronized:
         sums = cross_replica_sum(sums)
     mean_sum, variance_sum, valid = sums
-    safe = ops.maximum(valid, 1.0)
+    safe = at_least(valid, 1.0)
     return mean_sum / safe, variance_sum / safe, valid
 
 
@@ -328,7 +331,7 @@ def combine_steps(mean, variance, count, num_slots, first_step=None):
     weights = ops.transpose(ops.one_hot(slots, num_slots, dtype=mean.dtype))
     weights = weights * ops.transpose(valid)
     valid = ops.sum(weights, axis=1, keepdims=True)
-    safe = ops.maximum(valid, 1.0)
+    safe = at_least(valid, 1.0)
     return (
         ops.matmul(weights, mean) / safe,
         ops.matmul(weights, variance) / safe,
@@ -373,7 +376,7 @@ def normalize_grad(dy, x, mean, variance, count, mask, scale, axes, epsilon):
     x_hat = x * inv_std + shift
     doffset = ops.sum(dy, axis=axes, keepdims=True)
     dscale = ops.sum(dy * x_hat, axis=axes, keepdims=True)
-    share = (doffset + x_hat * dscale) / ops.maximum(count, 1.0)
+    share = (doffset + x_hat * dscale) / at_least(count, 1.0)
     if mask is not None:
         share = share * mask
     return (scale * inv_std) * (dy - share), dscale, doffset
@@ -390,7 +393,7 @@ def cumulative_decay(updates):
 
 def biased_variance(unbiased, count):
     """The biased variance from the unbiased one over `count` elements."""
-    return unbiased * ((count - 1.0) / ops.maximum(count, 1.0))
+    return unbiased * ((count - 1.0) / at_least(count, 1.0))
 
 
 def stddev(variance, epsilon):
@@ -402,7 +405,22 @@ def stddev(variance, epsilon):
 def variance_from_stddev(stddev, epsilon):
     """Inverse of `stddev`, clamped at zero: `max(stddev**2 - epsilon, 0)`."""
     xp = _math(stddev)
-    return xp.maximum(xp.square(stddev) - epsilon, 0.0)
+    variance = xp.square(stddev) - epsilon
+    return np.maximum(variance, 0.0) if xp is np else at_least(variance, 0.0)
+
+
+def at_least(x, floor):
+    """`maximum(x, floor)` in `x`'s dtype.
+
+    Keras 3.15's torch `ops.maximum` and `ops.minimum` return float32 for
+    float64 tensors; `ops.clip` keeps the dtype on every backend.
+    """
+    return ops.clip(x, floor, math.inf)
+
+
+def at_most(x, ceiling):
+    """`minimum(x, ceiling)` in `x`'s dtype (see `at_least`)."""
+    return ops.clip(x, -math.inf, ceiling)
 
 
 def _math(x):

@@ -307,15 +307,17 @@ class BatchRenormalization(BatchNormalization):
     def _corrections(self, mean, stddev, renorm_mean, renorm_stddev):
         """Clipped, gradient-stopped `r` and `d`; records the clipping."""
         # A floor keeps `r` and `d` finite if `renorm_stddev` starts at 0.
-        renorm_stddev = ops.maximum(renorm_stddev, math.sqrt(self.epsilon))
+        renorm_stddev = _statistics.at_least(
+            renorm_stddev, math.sqrt(self.epsilon)
+        )
         r_raw = stddev / renorm_stddev
         d_raw = (mean - renorm_mean) / renorm_stddev
         limits = self._limits(self.renorm_step, mean.dtype)
         r, d = r_raw, d_raw
         if limits.get("rmin") is not None:
-            r = ops.maximum(r, limits["rmin"])
+            r = _statistics.at_least(r, limits["rmin"])
         if limits.get("rmax") is not None:
-            r = ops.minimum(r, limits["rmax"])
+            r = _statistics.at_most(r, limits["rmax"])
         if limits.get("dmax") is not None:
             d = ops.clip(d, -limits["dmax"], limits["dmax"])
         self.r_clipped_fraction.assign(_changed_fraction(r_raw, r))

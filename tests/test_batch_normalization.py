@@ -471,12 +471,6 @@ class SemanticsTest(test_case.LayerTestCase):
     def test_float64_statistics_stay_float64(self, path):
         if keras.backend.backend() == "jax":
             self.skipTest("JAX has no float64 unless jax_enable_x64 is set")
-        if TORCH and path == "ops":
-            self.skipTest(
-                "on torch, keras.ops.maximum(x, 0.0) turns float64 into "
-                "float32 (Keras follows JAX's 32-bit default there), so the "
-                "keras.ops path's variance is float32"
-            )
         # float32 statistics would lose this spread against the mean.
         x = _rng(29).normal(1e4, 1e-3, (16, 2))
         layer = keras_bn.BatchNormalization(

@@ -327,6 +327,37 @@ class ReferenceTest(test_case.LayerTestCase):
             atol=2e-5, rtol=1e-4,
         )
 
+    @parameterized.named_parameters(*paths.per_path((("float64",),)))
+    def test_float64_stays_float64(self, path):
+        if keras.backend.backend() == "jax":
+            self.skipTest("JAX has no float64 unless jax_enable_x64 is set")
+        # A spread of 1e-3 around 1e4: float32 statistics, r or d would
+        # miss the reference by far more than the tolerances.
+        rng = _rng(31)
+        shape = (16, 2)
+        clipping = {"rmax": 1.5, "rmin": 0.5, "dmax": 0.5}
+        layer = keras_bn.BatchRenormalization(
+            dtype="float64", renorm_clipping=clipping, epsilon=1e-9,
+            **paths.KWARGS[path],
+        )
+        paths.build_or_skip(self, layer, shape)
+        _randomize(layer, rng)
+        layer.renorm_mean.assign(np.full(2, 1e4))
+        layer.renorm_stddev.assign(np.full(2, 1e-3))
+        state = _state(layer)
+        cfg = {"epsilon": 1e-9}
+        x = rng.normal(1e4 + 2e-4, 1.2e-3, shape)
+        paths.skip_unless_serves(self, layer, x)
+        with paths.expect(self, path, PATHS_RAN):
+            y = layer(x, training=True)
+        expected, _ = reference_train_step(x, state, cfg, clipping)
+        self.assertAllClose(y, expected, atol=1e-7, rtol=1e-7)
+        for name in STATISTICS:
+            self.assertAllClose(
+                _named(layer, name), state[name], atol=0, rtol=1e-9,
+                msg=name,
+            )
+
     @parameterized.parameters(0, 4999, 5000, 15000, 25000, 40000, 100000)
     def test_paper_schedule_at_step(self, step):
         rng = _rng(2)
