@@ -73,6 +73,10 @@ def pieces(shape):
         return xla.normalize(x2, mean, variance, gamma2, beta2, 1e-3)
 
     @tf.function
+    def xla_forward_merged(x2):
+        return xla.forward(x2, gamma2, beta2, 1e-3)
+
+    @tf.function
     def xla_backward(dy2, x2):
         return xla.normalize_grad(
             dy2, x2, mean, variance, count, None, gamma2, (0,), 1e-3
@@ -115,7 +119,12 @@ def pieces(shape):
         "fused kernel, inference mode (renorm adds it)": (
             kernel_inference, (x4,),
         ),
-        "XLA kernel forward (moments, normalize)": (xla_forward, (x2,)),
+        "XLA kernel forward, renormalization (moments, normalize)": (
+            xla_forward, (x2,),
+        ),
+        "XLA kernel forward, batch normalization (one function)": (
+            xla_forward_merged, (x2,),
+        ),
         "XLA kernel backward": (xla_backward, (dy2, x2)),
         "one element-wise op (x * 2)": (elementwise, (x,)),
         "one reduction (sum over the batch)": (reduction, (x,)),
