@@ -50,7 +50,9 @@ TRAIN_PASSES = 8
 # Read x, write y; the statistics are known.
 INFERENCE_PASSES = 2
 
-FULL_NORM_SHAPES = ((256, 32, 32, 64), (64, 32, 32, 64), (4096, 1024), (64, 100, 256))
+FULL_NORM_SHAPES = (
+    (256, 32, 32, 64), (64, 32, 32, 64), (4096, 1024), (64, 100, 256),
+)
 # One tiny shape per pair, so that --quick checks every code path quickly.
 QUICK_NORM_SHAPES = ((4, 4, 4, 8),)
 # (batch, timesteps, features); the layers get `features` units, except
