@@ -52,9 +52,14 @@ def xla_training(x, axes, mask, epsilon, affine, affine_uses_statistics):
     import tensorflow as tf
 
     axes = tuple(axes)
-    if mask is None and axes == tuple(range(len(x.shape) - 1)):
+    rank = len(x.shape)
+    if (
+        axes == tuple(range(rank - 1))
+        and x.shape[-1] is not None
+        and (mask is None or len(mask.shape) == rank)
+    ):
         return _per_channel_training(
-            x, epsilon, affine, affine_uses_statistics
+            x, mask, epsilon, affine, affine_uses_statistics
         )
     functions = _xla_functions(len(x.shape))
     if mask is not None:
@@ -86,10 +91,11 @@ def xla_training(x, axes, mask, epsilon, affine, affine_uses_statistics):
     return outputs, mean, variance, count
 
 
-def _per_channel_training(x, epsilon, affine, affine_uses_statistics):
-    """`xla_training` for statistics per entry of the last axis, no mask.
+def _per_channel_training(x, mask, epsilon, affine, affine_uses_statistics):
+    """`xla_training` for statistics per entry of the last axis.
 
-    The compiled functions take the `(elements, channels)` view, which XLA
+    The compiled functions take the `(elements, channels)` view (a mask
+    of one entry per position as one column), which XLA
     on a CPU reduces faster, and compiles faster, than the reduction over
     several axes. Without statistics in `affine` the moments and the
     normalization are one compiled function: two compilations per shape
@@ -102,12 +108,18 @@ def _per_channel_training(x, epsilon, affine, affine_uses_statistics):
     per_channel = [1] * (len(x.shape) - 1) + [channels]
     flat = tf.reshape(x, (-1, channels))
     functions = _xla_functions(2)
-    count = tf.cast(tf.shape(flat)[0], x.dtype)
+    if mask is not None:
+        # A mask of one entry per position stays one column wide.
+        width = 1 if mask.shape[-1] == 1 else channels
+        target = tf.concat([tf.shape(x)[:-1], [width]], 0)
+        mask = tf.reshape(
+            tf.broadcast_to(tf.cast(mask, x.dtype), target), (-1, width)
+        )
 
-    def gradient(dy, mean, variance, scale):
+    def gradient(dy, mean, variance, count, scale):
         dx, dscale, doffset = functions.normalize_grad(
             tf.reshape(dy, (-1, channels)), flat, mean, variance, count,
-            None, _row(scale, channels, x.dtype), (0,), epsilon,
+            mask, _row(scale, channels, x.dtype), (0,), epsilon,
         )
         return (
             tf.reshape(dx, tf.shape(x)),
@@ -116,7 +128,7 @@ def _per_channel_training(x, epsilon, affine, affine_uses_statistics):
         )
 
     if affine_uses_statistics:
-        mean, variance, _ = functions.moments(flat, (0,), None)
+        mean, variance, count = functions.moments(flat, (0,), mask)
         scale, offset = affine(
             tf.reshape(mean, per_channel), tf.reshape(variance, per_channel)
         )
@@ -129,7 +141,9 @@ def _per_channel_training(x, epsilon, affine, affine_uses_statistics):
             )
 
             def grad(dy):
-                dx, dscale, doffset = gradient(dy, mean, variance, scale)
+                dx, dscale, doffset = gradient(
+                    dy, mean, variance, count, scale
+                )
                 return (dx, _sum_to_shape(dscale, scale),
                         _sum_to_shape(doffset, offset))
 
@@ -140,23 +154,27 @@ def _per_channel_training(x, epsilon, affine, affine_uses_statistics):
 
         @tf.custom_gradient
         def normalize(x, scale, offset):
-            y, mean, variance = functions.forward(
-                flat, _row(scale, channels, x.dtype),
+            y, mean, variance, count = functions.forward(
+                flat, mask, _row(scale, channels, x.dtype),
                 _row(offset, channels, x.dtype), epsilon,
             )
 
             def grad(dy, *_):
                 # The statistics' share is in `dx` already.
-                dx, dscale, doffset = gradient(dy, mean, variance, scale)
+                dx, dscale, doffset = gradient(
+                    dy, mean, variance, count, scale
+                )
                 return (dx, _sum_to_shape(dscale, scale),
                         _sum_to_shape(doffset, offset))
 
-            return (tf.reshape(y, tf.shape(x)), mean, variance), grad
+            return (tf.reshape(y, tf.shape(x)), mean, variance, count), grad
 
     if affine_uses_statistics:
         outputs = normalize(x, scale, offset)
     else:
-        outputs, mean, variance = normalize(x, scale, offset)
+        outputs, mean, variance, count = normalize(x, scale, offset)
+    if mask is not None:
+        count = tf.reshape(count, per_channel)
     return (
         outputs,
         tf.reshape(mean, per_channel),
@@ -222,10 +240,11 @@ def _xla_functions(rank):
         return x * scale + offset
 
     @compiled
-    def forward(x, scale, offset, epsilon):
-        mean, variance, _ = _statistics.moments(x, [0])
+    def forward(x, mask, scale, offset, epsilon):
+        mean, variance, count = _statistics.moments(x, [0], mask)
         inv_std, shift = _statistics.affine(mean, variance, epsilon)
-        return (x * inv_std + shift) * scale + offset, mean, variance
+        y = (x * inv_std + shift) * scale + offset
+        return y, mean, variance, count
 
     @compiled
     def normalize_grad(
