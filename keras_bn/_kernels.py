@@ -53,134 +53,82 @@ def xla_training(x, axes, mask, epsilon, affine, affine_uses_statistics):
 
     axes = tuple(axes)
     rank = len(x.shape)
-    if (
-        axes == tuple(range(rank - 1))
-        and x.shape[-1] is not None
-        and (mask is None or len(mask.shape) == rank)
-    ):
-        return _per_channel_training(
-            x, mask, epsilon, affine, affine_uses_statistics
-        )
-    functions = _xla_functions(len(x.shape))
+    channels = x.shape[-1]
     if mask is not None:
         mask = tf.cast(mask, x.dtype)
-    mean, variance, count = functions.moments(x, axes, mask)
+    per_channel = (
+        axes == tuple(range(rank - 1))
+        and channels is not None
+        and (mask is None or len(mask.shape) == rank)
+    )
+    if per_channel:
+        # The `(elements, channels)` view, which XLA on a CPU reduces
+        # faster, and compiles faster, than a reduction over several axes;
+        # a mask of one entry per position stays one column wide.
+        statistics_shape = [1] * (rank - 1) + [channels]
+        kernel_x = tf.reshape(x, (-1, channels))
+        if mask is not None:
+            width = 1 if mask.shape[-1] == 1 else channels
+            target = tf.concat([tf.shape(x)[:-1], [width]], 0)
+            mask = tf.reshape(tf.broadcast_to(mask, target), (-1, width))
+        axes = (0,)
 
-    @tf.custom_gradient
-    def normalize(x, mean, variance, scale, offset):
-        y = functions.normalize(x, mean, variance, scale, offset, epsilon)
+        def to_input(statistic):
+            return tf.reshape(statistic, statistics_shape)
 
-        def grad(dy):
-            dx, dscale, doffset = functions.normalize_grad(
-                dy, x, mean, variance, count, mask, scale, axes, epsilon
-            )
-            # `mean` and `variance` are the batch's own statistics: their
-            # share of the gradient is already in `dx`.
-            return (
-                dx,
-                None,
-                None,
-                _sum_to_shape(dscale, scale),
-                _sum_to_shape(doffset, offset),
-            )
-
-        return y, grad
-
-    scale, offset = affine(mean, variance)
-    outputs = normalize(x, mean, variance, scale, offset)
-    return outputs, mean, variance, count
-
-
-def _per_channel_training(x, mask, epsilon, affine, affine_uses_statistics):
-    """`xla_training` for statistics per entry of the last axis.
-
-    The compiled functions take the `(elements, channels)` view (a mask
-    of one entry per position as one column), which XLA
-    on a CPU reduces faster, and compiles faster, than the reduction over
-    several axes. Without statistics in `affine` the moments and the
-    normalization are one compiled function: two compilations per shape
-    instead of three, and the statistics and the output in fewer passes
-    (docs/performance.md).
-    """
-    import tensorflow as tf
-
-    channels = x.shape[-1]
-    per_channel = [1] * (len(x.shape) - 1) + [channels]
-    flat = tf.reshape(x, (-1, channels))
-    functions = _xla_functions(2)
-    if mask is not None:
-        # A mask of one entry per position stays one column wide.
-        width = 1 if mask.shape[-1] == 1 else channels
-        target = tf.concat([tf.shape(x)[:-1], [width]], 0)
-        mask = tf.reshape(
-            tf.broadcast_to(tf.cast(mask, x.dtype), target), (-1, width)
-        )
-
-    def gradient(dy, mean, variance, count, scale):
-        dx, dscale, doffset = functions.normalize_grad(
-            tf.reshape(dy, (-1, channels)), flat, mean, variance, count,
-            mask, _row(scale, channels, x.dtype), (0,), epsilon,
-        )
-        return (
-            tf.reshape(dx, tf.shape(x)),
-            tf.reshape(dscale, per_channel),
-            tf.reshape(doffset, per_channel),
-        )
-
-    if affine_uses_statistics:
-        mean, variance, count = functions.moments(flat, (0,), mask)
-        scale, offset = affine(
-            tf.reshape(mean, per_channel), tf.reshape(variance, per_channel)
-        )
-
-        @tf.custom_gradient
-        def normalize(x, scale, offset):
-            y = functions.normalize(
-                flat, mean, variance, _row(scale, channels, x.dtype),
-                _row(offset, channels, x.dtype), epsilon,
-            )
-
-            def grad(dy):
-                dx, dscale, doffset = gradient(
-                    dy, mean, variance, count, scale
-                )
-                return (dx, _sum_to_shape(dscale, scale),
-                        _sum_to_shape(doffset, offset))
-
-            return tf.reshape(y, tf.shape(x)), grad
+        def to_kernel(weight):
+            return _row(weight, channels, x.dtype)
 
     else:
+        kernel_x = x
+
+        def to_input(statistic):
+            return statistic
+
+        to_kernel = to_input
+    functions = _xla_functions(len(kernel_x.shape))
+
+    if affine_uses_statistics or not per_channel:
+        mean, variance, count = functions.moments(kernel_x, axes, mask)
+        scale, offset = affine(to_input(mean), to_input(variance))
+
+        def forward(scale, offset):
+            y = functions.normalize(
+                kernel_x, mean, variance, scale, offset, epsilon
+            )
+            return y, mean, variance, count
+
+    else:
+        # The moments and the normalization in one compiled function: one
+        # compilation fewer, and fewer passes on the 2-D view (on more
+        # axes it measured slower than two functions).
         scale, offset = affine(None, None)
 
-        @tf.custom_gradient
-        def normalize(x, scale, offset):
-            y, mean, variance, count = functions.forward(
-                flat, mask, _row(scale, channels, x.dtype),
-                _row(offset, channels, x.dtype), epsilon,
+        def forward(scale, offset):
+            return functions.forward(kernel_x, mask, scale, offset, epsilon)
+
+    @tf.custom_gradient
+    def normalize(x, scale, offset):
+        y, mean, variance, count = forward(to_kernel(scale), to_kernel(offset))
+
+        def grad(dy, *_):
+            # The batch's statistics' share of the gradient is in `dx`.
+            dx, dscale, doffset = functions.normalize_grad(
+                tf.reshape(dy, tf.shape(kernel_x)), kernel_x, mean, variance,
+                count, mask, to_kernel(scale), axes, epsilon,
+            )
+            return (
+                tf.reshape(dx, tf.shape(x)),
+                _sum_to_shape(to_input(dscale), scale),
+                _sum_to_shape(to_input(doffset), offset),
             )
 
-            def grad(dy, *_):
-                # The statistics' share is in `dx` already.
-                dx, dscale, doffset = gradient(
-                    dy, mean, variance, count, scale
-                )
-                return (dx, _sum_to_shape(dscale, scale),
-                        _sum_to_shape(doffset, offset))
+        return (tf.reshape(y, tf.shape(x)), mean, variance, count), grad
 
-            return (tf.reshape(y, tf.shape(x)), mean, variance, count), grad
-
-    if affine_uses_statistics:
-        outputs = normalize(x, scale, offset)
-    else:
-        outputs, mean, variance, count = normalize(x, scale, offset)
+    outputs, mean, variance, count = normalize(x, scale, offset)
     if mask is not None:
-        count = tf.reshape(count, per_channel)
-    return (
-        outputs,
-        tf.reshape(mean, per_channel),
-        tf.reshape(variance, per_channel),
-        count,
-    )
+        count = to_input(count)
+    return outputs, to_input(mean), to_input(variance), count
 
 
 def _row(value, channels, dtype):
