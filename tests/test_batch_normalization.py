@@ -8,7 +8,6 @@ the paper and the documented rules, not from the layer's code), core
 import functools
 import os
 import re
-import tempfile
 from unittest import mock
 
 import keras
@@ -497,10 +496,7 @@ class SemanticsTest(test_case.LayerTestCase):
         model.compile(optimizer="sgd", loss="mse")
         for b in batches[:3]:
             model.train_on_batch(b, np.zeros_like(b))
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "m.keras")
-            model.save(path)
-            loaded = keras.saving.load_model(path)
+        loaded = test_case.save_and_load(model)
         loaded.train_on_batch(batches[3], np.zeros_like(batches[3]))
         layer = loaded.layers[0]
         self.assertEqual(int(keras.ops.convert_to_numpy(
@@ -775,10 +771,7 @@ class MirroredStrategyTest(test_case.LayerTestCase):
             model.fit(x, y, batch_size=16, epochs=2, verbose=0)
             model.evaluate(x, y, verbose=0)
             expected = model.predict(x, verbose=0)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "m.keras")
-                model.save(path)
-                loaded = keras.saving.load_model(path)
+            loaded = test_case.save_and_load(model)
             self.assertAllClose(loaded.predict(x, verbose=0), expected)
 
 
@@ -904,14 +897,9 @@ class FusedPathTest(test_case.LayerTestCase):
         import tensorflow as tf
 
         rng = _rng(21)
-        layers = [
-            keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
-            for fused in (None, False)
-        ]
-        for layer in layers:
-            layer.build(shape)
-        _randomize(layers[0], rng)
-        layers[1].set_weights(layers[0].get_weights())
+        layers = _twin_layers(
+            shape, rng, (None, False), dtype=dtype, **cfg
+        )
         compute = "float64" if dtype == "float64" else "float32"
 
         def step(layer, x, w):
@@ -960,14 +948,9 @@ class FusedPathTest(test_case.LayerTestCase):
         import tensorflow as tf
 
         rng = _rng(24)
-        layers = [
-            keras_bn.BatchNormalization(fused=fused, **cfg)
-            for fused in (None, False)
-        ]
-        for layer in layers:
-            layer.build(shape)
-        _randomize(layers[0], rng)
-        layers[1].set_weights(layers[0].get_weights())
+        layers = _twin_layers(
+            shape, rng, (None, False), **cfg
+        )
 
         def step(layer, x, w, mask):
             with tf.GradientTape() as tape:
@@ -1029,14 +1012,9 @@ class FusedPathTest(test_case.LayerTestCase):
 
         rng = _rng(23)
         shape = (6, 3)
-        layers = [
-            keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
-            for fused in (None, False)
-        ]
-        for layer in layers:
-            layer.build(shape)
-        _randomize(layers[0], rng)
-        layers[1].set_weights(layers[0].get_weights())
+        layers = _twin_layers(
+            shape, rng, (None, False), dtype=dtype, **cfg
+        )
         x = tf.constant(rng.normal(1.0, 2.0, shape).astype(dtype))
         w = tf.constant(rng.normal(0.0, 1.0, shape).astype(dtype))
 
@@ -1096,6 +1074,20 @@ class FusedPathTest(test_case.LayerTestCase):
     def test_fused_must_be_boolean_or_none(self):
         with self.assertRaisesRegex(ValueError, r"fused='yes' \(a str\)"):
             keras_bn.BatchNormalization(fused="yes")
+
+
+def _twin_layers(shape, rng, fused_values, **kwargs):
+    """Two `BatchNormalization(**kwargs)` layers, one per `fused` value,
+    built for `shape` with the same random weights."""
+    layers = [
+        keras_bn.BatchNormalization(fused=fused, **kwargs)
+        for fused in fused_values
+    ]
+    for layer in layers:
+        layer.build(shape)
+    _randomize(layers[0], rng)
+    layers[1].set_weights(layers[0].get_weights())
+    return layers
 
 
 def _facts(**changes):
@@ -1392,14 +1384,9 @@ class TorchPathTest(test_case.LayerTestCase):
     )
     def test_equals_ops_path(self, cfg, shape, dtype):
         rng = _rng(27)
-        layers = [
-            keras_bn.BatchNormalization(fused=fused, dtype=dtype, **cfg)
-            for fused in (True, False)
-        ]
-        for layer in layers:
-            layer.build(shape)
-        _randomize(layers[0], rng)
-        layers[1].set_weights(layers[0].get_weights())
+        layers = _twin_layers(
+            shape, rng, (True, False), dtype=dtype, **cfg
+        )
         compute = "float64" if dtype == "float64" else "float32"
         loose = dtype.startswith("mixed")
         for i in range(3):
@@ -1437,10 +1424,7 @@ class TorchPathTest(test_case.LayerTestCase):
         model = keras.Sequential([keras.Input((3, 4)), layer])
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "m.keras")
-            model.save(path)
-            loaded = keras.saving.load_model(path)
+        loaded = test_case.save_and_load(model)
         self.assertEqual(loaded.layers[0].get_config(), layer.get_config())
         self.assertEqual(
             loaded.layers[0].normalization_path(x, training=True).name,

@@ -7,8 +7,6 @@ layer's code), with schedules evaluated by `np.interp`; core
 normalization for `rmin = rmax = 1, dmax = 0`.
 """
 
-import os
-import tempfile
 
 import keras
 import numpy as np
@@ -722,10 +720,7 @@ class LayerTest(test_case.LayerTestCase):
         ])
         model.compile(optimizer=keras.optimizers.SGD(0.05), loss="mse")
         model.fit(x, y, batch_size=8, epochs=1, shuffle=False, verbose=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
-            model.save(path)
-            loaded = keras.saving.load_model(path)
+        loaded = test_case.save_and_load(model)
         layer = loaded.layers[1]
         self.assertIsInstance(layer, keras_bn.BatchRenormalization)
         self.assertEqual(_step(layer), 4)
@@ -978,10 +973,7 @@ class MirroredStrategyTest(test_case.LayerTestCase):
             self.assertEqual(_step(model.layers[1]), 4)
             model.evaluate(x, y, verbose=0)
             expected = model.predict(x, verbose=0)
-            with tempfile.TemporaryDirectory() as tmp:
-                path = os.path.join(tmp, "m.keras")
-                model.save(path)
-                loaded = keras.saving.load_model(path)
+            loaded = test_case.save_and_load(model)
             self.assertAllClose(loaded.predict(x, verbose=0), expected)
             self.assertEqual(_step(loaded.layers[1]), 4)
 

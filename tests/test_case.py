@@ -58,6 +58,14 @@ def _numpy(value):
 TENSORFLOW = keras.backend.backend() == "tensorflow"
 
 
+def save_and_load(model):
+    """`model` saved to a `.keras` file in a temporary folder, loaded back."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.keras")
+        model.save(path)
+        return keras.saving.load_model(path)
+
+
 def needs_tensorflow(why):
     """Skips a test of what only TensorFlow has, saying what that is."""
     return pytest.mark.skipif(
@@ -209,10 +217,7 @@ class LayerTestCase(parameterized.TestCase):
                 batch_size=input_data.shape[0], epochs=1, verbose=0,
             )
         expected = model.predict(input_data, verbose=0)
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "model.keras")
-            model.save(path)
-            loaded = keras.saving.load_model(path)
+        loaded = save_and_load(model)
         self.assertAllClose(
             loaded.predict(input_data, verbose=0), expected, atol=1e-6
         )
