@@ -24,6 +24,8 @@ without it.
 
 import math
 
+from keras_bn import _statistics
+
 
 def channel_view(x, start, stop):
     """`x` as `(N, C)` or `(N, C, L)`, `C` its axes `start` to `stop - 1`.
@@ -115,6 +117,6 @@ def _variance(inverse_std, epsilon):
     Computed in float64 so that the subtraction of `epsilon` loses no more
     than the float32 rounding of `inverse_std`; clamped at zero.
     """
-    wide = inverse_std.double()
-    variance = (1.0 / (wide * wide) - epsilon).clamp_min(0.0)
+    stddev = 1.0 / inverse_std.double()
+    variance = _statistics.variance_from_stddev(stddev, epsilon)
     return variance.to(inverse_std.dtype)
