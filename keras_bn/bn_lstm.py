@@ -1394,7 +1394,11 @@ def _train_lstm(inputs, states, weights, mask, recurrent_mask, epsilon,
                 dh_new, dc_new = dh, dc
             # Batch normalization of the cell, then the cell update.
             dn = dh_new * so * (1.0 - tn * tn)
-            s1, s2 = ops.sum(dn, axis=0), ops.sum(dn * chat, axis=0)
+            # One reduction for both sums (and below): XLA on a CPU runs
+            # each reduction as a kernel of its own.
+            s1, s2 = ops.split(
+                ops.sum(ops.concatenate([dn, dn * chat], axis=-1), axis=0), 2
+            )
             dct = gamma_c * inv_c * (dn - (s1 + chat * s2) * share) + dc_new
             dz = ops.concatenate(
                 [
@@ -1406,7 +1410,9 @@ def _train_lstm(inputs, states, weights, mask, recurrent_mask, epsilon,
                 axis=-1,
             )
             # Batch normalization of the recurrent product.
-            q1, q2 = ops.sum(dz, axis=0), ops.sum(dz * phat, axis=0)
+            q1, q2 = ops.split(
+                ops.sum(ops.concatenate([dz, dz * phat], axis=-1), axis=0), 2
+            )
             dp = gamma_h * inv_p * (dz - (q1 + phat * q2) * share)
             dh_prev = ops.matmul(dp, kernel_t)
             if dropout is not None:
@@ -1481,6 +1487,9 @@ def _scan(step, init, xs, outputs_like, unroll=False, reverse=False):
     With `unroll=True` the steps run as a Python loop (the number of steps
     must be known). With `reverse=True` the steps run from the last, and
     the outputs keep the order of `xs`.
+
+    On TensorFlow and JAX each step's slices of `xs` are read in the step
+    before and carried, not read in the step that uses them.
     """
     if unroll:
         carry, ys = init, []
@@ -1491,14 +1500,38 @@ def _scan(step, init, xs, outputs_like, unroll=False, reverse=False):
         if reverse:
             ys.reverse()
         return tuple(carry), tuple(ops.stack(y, axis=0) for y in zip(*ys))
+    if keras.backend.backend() == "jax":
+        # As below for TensorFlow: each step's inputs are read in the step
+        # before and carried, so that XLA copies them out of the sequence
+        # instead of fusing the read into the step's element-wise ops.
+        # `xs` shifted by one step, the step past the end repeated.
+        if reverse:
+            first = tuple(x[-1] for x in xs)
+            following = tuple(ops.concatenate([x[:1], x[:-1]]) for x in xs)
+        else:
+            first = tuple(x[0] for x in xs)
+            following = tuple(ops.concatenate([x[1:], x[-1:]]) for x in xs)
+
+        def carried_step(carry, following):
+            carry, current = carry
+            carry, ys = step(carry, current)
+            return (carry, following), ys
+
+        (carry, _), ys = ops.scan(
+            carried_step, (tuple(init), first), following, reverse=reverse
+        )
+        return carry, ys
     if keras.backend.backend() != "tensorflow":
         return ops.scan(step, init, xs, reverse=reverse)
     import tensorflow as tf
 
     steps = xs[0].shape[0] or tf.shape(xs[0])[0]
     inputs = [
-        tf.TensorArray(x.dtype, size=steps, element_shape=x.shape[1:])
-        .unstack(x)
+        tf.TensorArray(
+            x.dtype, size=steps, element_shape=x.shape[1:],
+            # The step after the last reads the last step again.
+            clear_after_read=False,
+        ).unstack(x)
         for x in xs
     ]
     outputs = [
@@ -1506,16 +1539,26 @@ def _scan(step, init, xs, outputs_like, unroll=False, reverse=False):
         for o in outputs_like
     ]
 
-    def body(t, carry, outputs):
+    def position(t):
         index = steps - 1 - t if reverse else t
-        carry, ys = step(tuple(carry), tuple(a.read(index) for a in inputs))
-        outputs = [o.write(index, y) for o, y in zip(outputs, ys)]
-        return t + 1, list(carry), outputs
+        # The read after the last step is of a step that exists.
+        return tf.clip_by_value(index, 0, steps - 1)
 
-    _, carry, outputs = tf.while_loop(
+    def body(t, carry, current, outputs):
+        index = steps - 1 - t if reverse else t
+        carry, ys = step(tuple(carry), tuple(current))
+        outputs = [o.write(index, y) for o, y in zip(outputs, ys)]
+        # The next step's inputs are read here and carried over: XLA then
+        # copies each out of its sequence, where a read in the step would
+        # fuse into the step's element-wise ops, which it slows several
+        # times over on a CPU (measured: docs/recurrent.md).
+        current = [a.read(position(t + 1)) for a in inputs]
+        return t + 1, list(carry), current, outputs
+
+    _, carry, _, outputs = tf.while_loop(
         lambda t, *_: t < steps,
         body,
-        (0, list(init), outputs),
+        (0, list(init), [a.read(position(0)) for a in inputs], outputs),
         maximum_iterations=steps,
         swap_memory=True,
         # As the TensorFlow backend's `rnn`: measured about 4 % faster

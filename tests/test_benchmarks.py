@@ -19,6 +19,7 @@ PROFILE = REPO / "benchmarks" / "profile.py"
 JAX_STEP = REPO / "benchmarks" / "jax_step.py"
 FIRST_STEP = REPO / "benchmarks" / "first_step.py"
 BACKENDS = REPO / "benchmarks" / "backends.py"
+XLA_KERNELS = REPO / "benchmarks" / "xla_kernels.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -247,6 +248,29 @@ class ScriptTablesTest(parameterized.TestCase):
             for value in (core, ours):
                 self.assertTrue(positive_finite(float(value)), name)
 
+    @pytest.mark.slow
+    def test_xla_kernels_reports_both_layers(self):
+        result = test_case.run_script(
+            XLA_KERNELS, "--shape", "4,3,2", "--units", "3", "--calls", "1",
+            "--top", "5", timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        for name in ("keras.layers.LSTM", "keras_bn.BNLSTM"):
+            self.assertRegex(result.stdout, name + r": [0-9.]+ ms per call")
+        rows = [
+            row for row in (
+                [cell.strip() for cell in line.split("|")[1:-1]]
+                for line in result.stdout.splitlines()
+                if line.startswith("| ") and not line.startswith("| ---")
+            )
+            if row[0] != "kernel"
+        ]
+        # Five kernels per layer, each named, each with a positive time.
+        self.assertLen(rows, 10)
+        for name, us in rows:
+            self.assertRegex(name, r"^`[\w.\-]+`$")
+            self.assertTrue(positive_finite(float(us)), name)
+
     @parameterized.named_parameters(
         ("first_step_repeats", FIRST_STEP, ["--repeats", "0"],
          "Received: '0'"),
@@ -256,6 +280,8 @@ class ScriptTablesTest(parameterized.TestCase):
         ("jax_zero_size", JAX_STEP, ["--shape", "0,3"], "Received: (0, 3)"),
         ("unknown_backend", BACKENDS, ["--backends", "tf"], "Received: tf"),
         ("zero_threads", BACKENDS, ["--threads", "0"], "Received: '0'"),
+        ("zero_calls", XLA_KERNELS, ["--calls", "0"], "Received: '0'"),
+        ("two_sizes", XLA_KERNELS, ["--shape", "4,3"], "Received: '4,3'"),
     )
     def test_bad_input_is_a_one_line_error(self, script, args, received):
         result = test_case.run_script(script, *args, timeout=60)
