@@ -109,6 +109,7 @@ class _BNRecurrentCell(layers.Layer):
                 "timesteps, features). Received: "
                 f"input_shape={sequences_shape}"
             )
+        _check_steps(self.name, sequences_shape)
         if sequences_shape[-1] is None:
             raise ValueError(
                 f"Layer '{self.name}' needs a known number of features. "
@@ -183,6 +184,7 @@ class _BNRecurrentCell(layers.Layer):
         rows of the moving statistics the steps use and update; `unroll`
         runs the steps as a Python loop instead of a symbolic one.
         """
+        _check_steps(self.name, tuple(sequences.shape))
         dtype = _statistics.statistics_dtype(sequences.dtype)
         x = ops.cast(sequences, dtype)
         batch, steps = ops.shape(x)[0], ops.shape(x)[1]
@@ -1033,6 +1035,15 @@ def _cell_property(name):
     getter.__name__ = name
     getter.__doc__ = f"The cell's `{name}` (read-only)."
     return property(getter)
+
+
+def _check_steps(layer, sequences_shape):
+    """Raises for inputs of no time step (a loop with nothing to run)."""
+    if sequences_shape[1] == 0:
+        raise ValueError(
+            f"Layer '{layer}' needs at least one time step. Received: "
+            f"input_shape={sequences_shape}"
+        )
 
 
 def _check_shape(layer, name, received, expected, meaning):

@@ -769,6 +769,22 @@ class ValidationTest(test_case.LayerTestCase):
         ):
             layer(np.zeros(shape, "float32"))
 
+    @parameterized.named_parameters(("inference", False), ("training", True))
+    def test_no_time_step(self, training):
+        # Core's `LSTM` fails here deep in its loop (`slice index 0 of
+        # dimension 1 out of bounds`); this names the input.
+        for layer in (keras_bn.BNLSTM(UNITS), keras_bn.BNGRU(UNITS)):
+            with self.assertRaisesRegex(
+                ValueError,
+                r"at least one time step.*input_shape=\(2, 0, 4\)",
+            ):
+                layer(np.zeros((2, 0, FEATURES), "float32"), training=training)
+        # A built layer called with no time step.
+        layer = keras_bn.BNLSTM(UNITS)
+        layer(np.zeros((2, 3, FEATURES), "float32"))
+        with self.assertRaisesRegex(ValueError, "at least one time step"):
+            layer(np.zeros((2, 0, FEATURES), "float32"), training=training)
+
     def test_unknown_timesteps_need_max_timesteps(self):
         with self.assertRaisesRegex(ValueError, "max_timesteps=None"):
             keras.Sequential(
