@@ -1551,25 +1551,27 @@ def _scan(step, init, xs, outputs_like, unroll=False, reverse=False):
     ]
 
     def position(t):
-        index = steps - 1 - t if reverse else t
+        return steps - 1 - t if reverse else t
+
+    def read(t):
         # The read after the last step is of a step that exists.
-        return tf.clip_by_value(index, 0, steps - 1)
+        index = tf.clip_by_value(position(t), 0, steps - 1)
+        return [a.read(index) for a in inputs]
 
     def body(t, carry, current, outputs):
-        index = steps - 1 - t if reverse else t
+        index = position(t)
         carry, ys = step(tuple(carry), tuple(current))
         outputs = [o.write(index, y) for o, y in zip(outputs, ys)]
         # The next step's inputs are read here and carried over: XLA then
         # copies each out of its sequence, where a read in the step would
         # fuse into the step's element-wise ops, which it slows several
         # times over on a CPU (measured: docs/recurrent.md).
-        current = [a.read(position(t + 1)) for a in inputs]
-        return t + 1, list(carry), current, outputs
+        return t + 1, list(carry), read(t + 1), outputs
 
     _, carry, _, outputs = tf.while_loop(
         lambda t, *_: t < steps,
         body,
-        (0, list(init), [a.read(position(0)) for a in inputs], outputs),
+        (0, list(init), read(0), outputs),
         maximum_iterations=steps,
         swap_memory=True,
         # As the TensorFlow backend's `rnn`: measured about 4 % faster
