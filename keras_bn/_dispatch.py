@@ -1,7 +1,7 @@
 """Which path a batch-normalization call runs, and why.
 
 Every batch-normalization layer of keras_bn computes the same numbers
-through one of four paths:
+through one of five paths:
 
 - `"ops"`: the layer's own `keras.ops` code (the math in `_statistics`).
   It runs on every backend and in every configuration; the others are
@@ -14,6 +14,13 @@ through one of four paths:
 - `"xla"`: a small XLA-compiled kernel (moments, normalization and its
   gradient) that TensorFlow calls from an ordinary graph, for training on
   a CPU: it serves any axes, masks and ghost batches, and float64.
+- `"wide"`: a TensorFlow kernel of ordinary ops (nothing to compile) on a
+  wider view of the input, `positions` rows of the `(rows, channels)`
+  view side by side, with the XLA kernel's closed-form gradient: for
+  training on a CPU where TensorFlow's fused kernel is slow
+  (`slow_cpu_kernel`), float32, the last axis alone with at most
+  `WIDE_MAX_CHANNELS` channels, below `WIDE_MAX_ELEMENTS` elements,
+  without a mask or ghost batches.
 - `"torch"`: PyTorch's batch-normalization kernel
   (`torch.native_batch_norm`, in `_torch_kernels`) on the torch backend,
   in training and inference. It normalizes one axis, or one run of
@@ -42,7 +49,8 @@ OPS = "ops"
 FUSED = "fused"
 XLA = "xla"
 TORCH = "torch"
-PATHS = (OPS, FUSED, XLA, TORCH)
+WIDE = "wide"
+PATHS = (OPS, FUSED, XLA, TORCH, WIDE)
 
 XLA_KERNEL_VARIABLE = "KERAS_BN_XLA_KERNEL"
 # TensorFlow's kernel rejects smaller epsilons.
@@ -55,6 +63,16 @@ _TORCH_KERNEL = "PyTorch's batch-normalization kernel"
 # kernel's compilation costs over thousands of
 # steps, so `fused=None` leaves such calls to the other paths.
 XLA_MIN_ELEMENTS = 2**20
+# With this many channels or fewer, and fewer elements than this, the wide
+# view's kernel runs as fast as the XLA kernel with nothing to compile
+# (oneDNN off); its rows hold a multiple of `WIDE_ROW` entries.
+WIDE_MAX_CHANNELS = 12
+WIDE_MAX_ELEMENTS = 2**21
+WIDE_ROW = 128
+WIDE_MIN_ROW = 32
+# oneDNN's fused kernel is fast for channel counts that are multiples of
+# this, and slow for the others.
+ONEDNN_CHANNEL_MULTIPLE = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +91,8 @@ class Call:
         last_axis_only: Whether the layer normalizes the last axis alone.
         adjacent_axes: Whether the normalized axes are one run of adjacent
             axes (PyTorch's kernel takes them as its channel axis).
+        channels: The number of channels when the last axis alone is
+            normalized, else `None`.
         epsilon: The layer's epsilon.
         synchronizing: Whether cross-replica synchronization is in
             progress (a synchronized layer in training inside a
@@ -99,15 +119,18 @@ class Call:
     fused: bool | None = None
     xla_kernel: bool | None = None
     adjacent_axes: bool = False
+    channels: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Path:
-    """The path a call takes (`"ops"`, `"fused"`, `"xla"` or `"torch"`)
-    and why."""
+    """The path a call takes (`"ops"`, `"fused"`, `"xla"`, `"wide"` or
+    `"torch"`) and why; for `"wide"`, the `positions` side by side in a
+    row of the wide view."""
 
     name: str
     reason: str
+    positions: int = 1
 
     def __str__(self):
         return f"{self.name}: {self.reason}"
@@ -164,19 +187,80 @@ def choose(call):
             return Path(OPS, _cannot_fuse(problems))
         return Path(FUSED, f"TensorFlow's kernel on the {call.device}")
     small = call.elements is not None and call.elements < XLA_MIN_ELEMENTS
+    slow = slow_cpu_kernel(call)
+    positions = wide_positions(call)
+    if positions and slow:
+        return Path(WIDE, f"{slow}; with {call.channels} channels, "
+                    f"TensorFlow's ops on a view of {positions} rows side "
+                    "by side, nothing to compile", positions)
     if call.dtype in ("float32", "float64") and not small:
         if problems:
             return Path(XLA, "on a CPU the XLA kernel serves the call; "
                         + _cannot_fuse(problems))
-        if not call.onednn:
-            return Path(XLA, "oneDNN is off: the XLA kernel is faster than "
-                        "Eigen's fused kernel on a CPU")
+        if slow:
+            return Path(XLA, f"{slow}; the XLA kernel is faster")
         return Path(FUSED, "oneDNN's fused kernel")
     if problems:
         return Path(OPS, _cannot_fuse(problems) + (
             f"; under {XLA_MIN_ELEMENTS} elements the XLA kernel's "
             "compilation costs more than it saves" if small else ""))
+    if slow and call.dtype == "float32":
+        return Path(OPS, f"{slow}; under {XLA_MIN_ELEMENTS} elements the "
+                    "keras.ops path is faster than it, with nothing to "
+                    "compile")
     return Path(FUSED, "TensorFlow's kernel serves the call")
+
+
+def slow_cpu_kernel(call):
+    """Why TensorFlow's fused kernel is the slow choice for a float32 call
+    on a CPU (`None`: it is not).
+
+    Eigen's kernel (oneDNN off) is slower than the `keras.ops` path, and
+    oneDNN's is 2 to 6 times slower than it for a channel count that is not
+    a multiple of `ONEDNN_CHANNEL_MULTIPLE` (docs/performance.md).
+    """
+    if not call.onednn:
+        return "oneDNN is off, and Eigen's fused kernel is slow on a CPU"
+    if call.channels and call.channels % ONEDNN_CHANNEL_MULTIPLE:
+        return (f"oneDNN's fused kernel is slow for {call.channels} "
+                f"channels, not a multiple of {ONEDNN_CHANNEL_MULTIPLE}")
+    return None
+
+
+def wide_positions(call):
+    """How many rows of a call's `(rows, channels)` view the wide-view
+    kernel puts side by side, or `None` where that kernel does not serve.
+
+    It serves a float32 call on the last axis alone, without a mask, ghost
+    batches or synchronization, of at most `WIDE_MAX_CHANNELS` channels
+    and fewer than `WIDE_MAX_ELEMENTS` elements: `positions` is the
+    smallest power of two for which a row holds a multiple of `WIDE_ROW`
+    entries, or the largest power of two
+    that divides the rows if that is smaller, as long as a row holds at
+    least `WIDE_MIN_ROW` entries.
+    """
+    channels = call.channels
+    if (
+        call.dtype != "float32"
+        or not call.last_axis_only
+        or call.masked
+        or call.ghost
+        or call.synchronizing
+        or not channels
+        or channels > WIDE_MAX_CHANNELS
+        or call.elements is None
+        or call.elements >= WIDE_MAX_ELEMENTS
+    ):
+        return None
+    positions = 1
+    while (positions * channels) % WIDE_ROW:
+        positions *= 2
+    rows = call.elements // channels
+    while rows % positions:
+        positions //= 2
+    if positions * channels < WIDE_MIN_ROW:
+        return None
+    return positions
 
 
 def _choose_torch(call):
@@ -348,13 +432,13 @@ def xla_compiling():
 def available_paths():
     """The paths a float32 training call can take here, forced or not.
 
-    On TensorFlow `"ops"`, `"fused"` and `"xla"`; on torch `"ops"` and
-    `"torch"`; on JAX `"ops"` alone.
+    On TensorFlow `"ops"`, `"fused"` and `"xla"`, and `"wide"` on a CPU;
+    on torch `"ops"` and `"torch"`; on JAX `"ops"` alone.
     """
     from keras import backend
 
     if backend.backend() == "tensorflow":
-        return (OPS, FUSED, XLA)
+        return (OPS, FUSED, XLA) + ((WIDE,) if device() == "cpu" else ())
     if backend.backend() == "torch":
         return (OPS, TORCH)
     return (OPS,)

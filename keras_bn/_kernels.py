@@ -1,6 +1,6 @@
 """TensorFlow kernels for batch normalization: functions of tensors.
 
-Two faster ways to what the layers' `keras.ops` path computes, on the
+Three faster ways to what the layers' `keras.ops` path computes, on the
 TensorFlow backend; `_dispatch.choose` decides when each runs:
 
 - TensorFlow's fused kernel (`FusedBatchNormV3`: cuDNN on a GPU, oneDNN or
@@ -15,6 +15,10 @@ TensorFlow backend; `_dispatch.choose` decides when each runs:
   calls from an ordinary graph. It serves any axes, masks, ghost batches
   and float64. Each input shape compiles once; layers of one shape share
   it.
+- The wide-view kernel, `wide_training`: the same closed-form gradient in
+  ordinary TensorFlow ops, on a view of a `(rows, channels)` input with
+  several rows side by side, for few channels on a CPU: nothing to
+  compile.
 
 The kernels know nothing of the layers: they take tensors, plain values
 and an `affine(mean, variance)` function that returns the scale and offset
@@ -129,6 +133,67 @@ def xla_training(x, axes, mask, epsilon, affine, affine_uses_statistics):
     if mask is not None:
         count = to_input(count)
     return outputs, to_input(mean), to_input(variance), count
+
+
+def wide_training(x, positions, epsilon, affine, affine_uses_statistics):
+    """Batch-normalizes the rows of `x` through the wide-view kernel.
+
+    With few channels a `(rows, channels)` tensor is a poor shape for a
+    CPU: each reduction and element-wise op works on rows shorter than its
+    vector loop. This kernel views `x` as `(rows / positions, positions *
+    channels)`, reduces and normalizes that, and folds the per-position
+    sums into per-channel ones (`_statistics.fold_positions`); the
+    gradient is the closed form of `_statistics.normalize_grad` on the same
+    view, wired in with `tf.custom_gradient`.
+
+    Args:
+        x: Float tensor `(rows, channels)`, `rows` a multiple of
+            `positions`.
+        positions: Rows side by side in each row of the wide view
+            (`_dispatch.wide_positions`).
+        epsilon, affine, affine_uses_statistics: As for `xla_training`.
+
+    Returns:
+        `(outputs, mean, variance, count)`, the statistics `(1, channels)`.
+    """
+    import tensorflow as tf
+
+    channels = x.shape[-1]
+    wide = tf.reshape(x, (-1, positions * channels))
+    mean, variance, count = _statistics.moments(
+        wide, [0], positions=positions
+    )
+    if affine_uses_statistics:
+        scale, offset = affine(mean, variance)
+    else:
+        scale, offset = affine(None, None)
+
+    def spread(value):
+        return _statistics.spread_positions(value, positions)
+
+    @tf.custom_gradient
+    def normalize(x, scale, offset):
+        row_scale = _row(scale, channels, x.dtype)
+        total_scale, total_offset = _statistics.affine(
+            mean, variance, epsilon, row_scale,
+            _row(offset, channels, x.dtype),
+        )
+        y = wide * spread(total_scale) + spread(total_offset)
+
+        def grad(dy):
+            dx, dscale, doffset = _statistics.normalize_grad(
+                tf.reshape(dy, tf.shape(wide)), wide, mean, variance, count,
+                None, row_scale, [0], epsilon, positions,
+            )
+            return (
+                tf.reshape(dx, tf.shape(x)),
+                _sum_to_shape(dscale, scale),
+                _sum_to_shape(doffset, offset),
+            )
+
+        return tf.reshape(y, tf.shape(x)), grad
+
+    return normalize(x, scale, offset), mean, variance, count
 
 
 def _row(value, channels, dtype):

@@ -133,7 +133,7 @@ def _element_count(x, axes):
     return count
 
 
-def moments(x, axes, mask=None, synchronized=False):
+def moments(x, axes, mask=None, synchronized=False, positions=1):
     """Mean, biased variance and element count of `x` over `axes`.
 
     Two passes (mean, then mean squared deviation), which keeps float32
@@ -148,6 +148,10 @@ def moments(x, axes, mask=None, synchronized=False):
         mask: Optional tensor broadcastable to `x`; elements where it is zero
             are left out of the statistics.
         synchronized: Whether to reduce across replicas.
+        positions: For a wide view (`fold_positions`), a `(rows,
+            positions * channels)` tensor reduced over `axes=[0]` without
+            a mask or synchronization: the statistics are per channel,
+            `(1, channels)`.
 
     Returns:
         `(mean, variance, count)`, each with `keepdims=True`; `count` is a
@@ -158,11 +162,17 @@ def moments(x, axes, mask=None, synchronized=False):
         # Sums over the count, not `ops.mean`: Keras 3.15's torch `mean`
         # accumulates float64 in float32.
         count = _element_count(x, axes)
-        mean = ops.sum(x, axis=axes, keepdims=True) / count
-        squares = ops.sum(
-            ops.square(x - ops.stop_gradient(mean)), axis=axes, keepdims=True
-        )
+        if positions != 1:
+            count = count * positions
+        mean = _column_sums(x, axes, positions) / count
+        spread_mean = ops.stop_gradient(spread_positions(mean, positions))
+        squares = _column_sums(ops.square(x - spread_mean), axes, positions)
         return mean, at_least(squares / count, 0.0), count
+    if positions != 1:
+        raise ValueError(
+            "A wide view's statistics take no mask and no synchronization. "
+            f"Received: positions={positions!r}"
+        )
 
     if mask is None:
         total = ops.sum(x, axis=axes, keepdims=True)
@@ -358,7 +368,9 @@ def affine(mean, variance, epsilon, gamma=None, beta=None):
     return scale, offset
 
 
-def normalize_grad(dy, x, mean, variance, count, mask, scale, axes, epsilon):
+def normalize_grad(
+    dy, x, mean, variance, count, mask, scale, axes, epsilon, positions=1
+):
     """Gradient of batch normalization with the batch's own statistics.
 
     For `y = x_hat * scale + offset`, `x_hat = (x - mean) / sqrt(variance +
@@ -366,20 +378,58 @@ def normalize_grad(dy, x, mean, variance, count, mask, scale, axes, epsilon):
     from `count` elements: the classic closed form, in which the
     statistics' share reaches only the elements that counted. Every
     output, counted or not, depends on the statistics, so the sums run
-    over all of them.
+    over all of them. For a wide view (`positions > 1`, see `moments`)
+    `mean`, `variance` and `scale` are per channel, as are the sums.
 
     Returns:
         `(dx, dscale, doffset)`, the last two summed over `axes` with
         `keepdims=True`.
     """
-    inv_std, shift = affine(mean, variance, epsilon)
-    x_hat = x * inv_std + shift
-    doffset = ops.sum(dy, axis=axes, keepdims=True)
-    dscale = ops.sum(dy * x_hat, axis=axes, keepdims=True)
-    share = (doffset + x_hat * dscale) / at_least(count, 1.0)
+    inv_std, _ = affine(mean, variance, epsilon)
+    centered = x - spread_positions(mean, positions)
+    doffset = _column_sums(dy, axes, positions)
+    # sum(dy * x_hat), x_hat = centered * inv_std.
+    dscale = inv_std * _column_sums(dy * centered, axes, positions)
+    # dx = a * (dy - (doffset + x_hat * dscale) / count), the share masked,
+    # as per-channel coefficients of dy, the centered x and 1: each is one
+    # pass over the data for TensorFlow's element-wise ops, which do not
+    # fuse.
+    a = scale * inv_std
+    share = a / at_least(count, 1.0)
+    x_term = centered * spread_positions(
+        -share * dscale * inv_std, positions
+    ) - spread_positions(share * doffset, positions)
     if mask is not None:
-        share = share * mask
-    return (scale * inv_std) * (dy - share), dscale, doffset
+        x_term = x_term * mask
+    return dy * spread_positions(a, positions) + x_term, dscale, doffset
+
+
+def fold_positions(sums, positions):
+    """Per-channel sums from the column sums of a wide view.
+
+    A wide view of a `(rows, channels)` tensor puts `positions` rows side
+    by side, `(rows / positions, positions * channels)`: with few channels
+    each row is long enough for the CPU's vector units. Its column sums
+    `(1, positions * channels)` fold into `(1, channels)`.
+    """
+    if positions == 1:
+        return sums
+    channels = sums.shape[-1] // positions
+    return ops.sum(
+        ops.reshape(sums, (positions, channels)), axis=0, keepdims=True
+    )
+
+
+def spread_positions(value, positions):
+    """A `(1, channels)` value repeated for every position of a wide view
+    (`fold_positions`)."""
+    if positions == 1:
+        return value
+    return ops.tile(value, (1, positions))
+
+
+def _column_sums(x, axes, positions):
+    return fold_positions(ops.sum(x, axis=axes, keepdims=True), positions)
 
 
 def cumulative_decay(updates):

@@ -136,7 +136,7 @@ class BatchNormalization(layers.Layer):
             ghost batches and float64; each input shape compiles once):
             `None` lets keras_bn choose (on a CPU, for tensors of at least
             2**20 elements, where TensorFlow's kernel cannot serve or is
-            Eigen's); `True` runs it in every training call, or raises a
+            slow there); `True` runs it in every training call, or raises a
             `ValueError` (other backends, synchronization in progress);
             `False` never. With `None`, the environment variable
             `KERAS_BN_XLA_KERNEL=1` or `=0` sets a process-wide `True` or
@@ -354,7 +354,7 @@ class BatchNormalization(layers.Layer):
         training = bool(training and self.trainable)
         path = _dispatch.choose(self._call_facts(inputs, mask, training))
         if training:
-            outputs = self._train_step(inputs, mask, path.name)
+            outputs = self._train_step(inputs, mask, path)
         elif path.name == _dispatch.FUSED:
             outputs = self._fused_inference(inputs)
         elif path.name == _dispatch.TORCH:
@@ -488,6 +488,9 @@ class BatchNormalization(layers.Layer):
             fused=self.fused,
             xla_kernel=self.xla_kernel,
             adjacent_axes=self._adjacent_axes(),
+            channels=(
+                shape[-1] if self._axes == [len(shape) - 1] else None
+            ),
         )
 
     def _adjacent_axes(self):
@@ -505,10 +508,13 @@ class BatchNormalization(layers.Layer):
         )
 
     def _train_step(self, inputs, mask, path):
-        """Normalizes with batch statistics and updates the moving ones."""
-        if path == _dispatch.FUSED:
+        """Normalizes with batch statistics and updates the moving ones.
+
+        `path` is the `_dispatch.Path` the call takes.
+        """
+        if path.name == _dispatch.FUSED:
             return self._fused_training(inputs)
-        if path == _dispatch.TORCH:
+        if path.name == _dispatch.TORCH:
             return self._torch_training(inputs)
         x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
         batch_size = ops.shape(x)[0]
@@ -523,15 +529,19 @@ class BatchNormalization(layers.Layer):
         mask = self._mask_to_view(mask, x, lead)
         x = self._to_view(x, lead)
         axes = [a + lead for a in self._reduction_axes]
-        if path == _dispatch.XLA:
+        def normalized_affine(mean, variance):
+            return self._normalized_affine(
+                mean, variance, lambda w: self._broadcast(w, x.dtype)
+            )
+
+        if path.name == _dispatch.XLA:
             outputs, mean, variance, count = _kernels.xla_training(
-                x,
-                axes,
-                mask,
-                self.epsilon,
-                lambda mean, variance: self._normalized_affine(
-                    mean, variance, lambda w: self._broadcast(w, x.dtype)
-                ),
+                x, axes, mask, self.epsilon, normalized_affine,
+                self._affine_uses_statistics,
+            )
+        elif path.name == _dispatch.WIDE:
+            outputs, mean, variance, count = _kernels.wide_training(
+                x, path.positions, self.epsilon, normalized_affine,
                 self._affine_uses_statistics,
             )
         else:

@@ -2,12 +2,14 @@
 
 keras_bn computes batch normalization through its `keras.ops` code
 (`"ops"`), TensorFlow's fused kernel (`"fused"`), its XLA-compiled kernel
-(`"xla"`) or, on the torch backend, PyTorch's kernel (`"torch"`); which one
-a call takes depends on the backend and the machine. The reference grids
-therefore run each case once per path the backend has, forced through the
-layers' public arguments, and check that the forced path is the one that
-ran, so every path is compared with the reference on every machine where
-it can run, not only with another path.
+(`"xla"`), its wide-view kernel (`"wide"`) or, on the torch backend,
+PyTorch's kernel (`"torch"`); which one a call takes depends on the
+backend and the machine. The reference grids therefore run each case once
+per path the backend has, forced through the layers' public arguments
+(the wide view, which has none, through the fact that picks it: oneDNN
+off), and check that the forced path is the one that ran, so every path is
+compared with the reference on every machine where it can run, not only
+with another path.
 """
 
 import contextlib
@@ -22,7 +24,20 @@ KWARGS = {
     _dispatch.XLA: {"xla_kernel": True},
     # `fused=True` asks for the backend's kernel: PyTorch's on torch.
     _dispatch.TORCH: {"fused": True},
+    # Chosen by `fused=None` for few channels when oneDNN is off.
+    _dispatch.WIDE: {},
 }
+
+
+@contextlib.contextmanager
+def conditions(path):
+    """The facts of the machine under which `choose` picks `path`: for the
+    wide view, oneDNN off; for the others, this machine's."""
+    if path != _dispatch.WIDE:
+        yield
+        return
+    with mock.patch.object(_dispatch, "onednn_enabled", lambda: False):
+        yield
 
 
 def per_path(grid):
@@ -44,13 +59,16 @@ def build_or_skip(testcase, layer, shape):
         testcase.skipTest(f"the path cannot serve this layer: {error}")
 
 
-def skip_unless_serves(testcase, layer, x, mask=None):
+def skip_unless_serves(testcase, path, layer, x, mask=None):
     """Skips the test if a training call of `layer` on `x` (with `mask`)
-    cannot take the path its arguments ask for."""
+    cannot take `path`, which its arguments ask for."""
     try:
-        layer.normalization_path(x, training=True, mask=mask)
+        with conditions(path):
+            chosen = layer.normalization_path(x, training=True, mask=mask)
     except ValueError as error:
         testcase.skipTest(f"the path cannot serve this call: {error}")
+    if path == _dispatch.WIDE and chosen.name != _dispatch.WIDE:
+        testcase.skipTest(f"the wide view cannot serve this call: {chosen}")
 
 
 @contextlib.contextmanager
@@ -68,8 +86,9 @@ def expect(testcase, path, ran):
             chosen.append(result.name)
         return result
 
-    with mock.patch.object(_dispatch, "choose", recording_choose):
-        yield
+    with conditions(path):
+        with mock.patch.object(_dispatch, "choose", recording_choose):
+            yield
     testcase.assertTrue(chosen, "no training call was made")
     testcase.assertEqual(set(chosen), {path}, f"paths taken: {chosen}")
     ran.add(path)

@@ -5,6 +5,7 @@ the paper and the documented rules, not from the layer's code), core
 `keras.layers.BatchNormalization`, and tf-keras's layer where installed.
 """
 
+import contextlib
 import functools
 import os
 import re
@@ -155,6 +156,10 @@ REFERENCE_GRID = (
     ("middle_axes", {"axis": [2, 3]}, (4, 2, 3, 2, 3), "sequence"),
     ("ghost_image_mask", {"virtual_batch_size": 2}, (6, 2, 3, 4),
      "sequence"),
+    # Few channels: the wide view puts 64 rows side by side (384 entries),
+    # or as many as divide the rows (4 of 12, 32 entries).
+    ("few_channels", {"momentum": 0.8}, (16, 4, 4, 6), None),
+    ("few_channels_rows_not_a_power_of_two", {}, (12, 8), None),
 )
 
 
@@ -200,7 +205,7 @@ class ReferenceTest(test_case.LayerTestCase):
             )
             for step in range(3)
         ]
-        paths.skip_unless_serves(self, layer, *steps[0])
+        paths.skip_unless_serves(self, path, layer, *steps[0])
         for x, mask in steps:
             with paths.expect(self, path, PATHS_RAN):
                 y = layer(x, training=True, mask=mask)
@@ -255,7 +260,7 @@ class CoreKerasEquivalenceTest(test_case.LayerTestCase):
             )
             for step in range(4)
         ]
-        paths.skip_unless_serves(self, ours, *steps[0])
+        paths.skip_unless_serves(self, path, ours, *steps[0])
         for x, mask in steps:
             with paths.expect(self, path, PATHS_RAN):
                 y = ours(x, training=True, mask=mask)
@@ -476,7 +481,7 @@ class SemanticsTest(test_case.LayerTestCase):
             dtype="float64", momentum=0.0, **paths.KWARGS[path]
         )
         paths.build_or_skip(self, layer, x.shape)
-        paths.skip_unless_serves(self, layer, x)
+        paths.skip_unless_serves(self, path, layer, x)
         with paths.expect(self, path, set()):
             y = layer(x, training=True)
         self.assertAllClose(
@@ -1076,6 +1081,104 @@ class FusedPathTest(test_case.LayerTestCase):
             keras_bn.BatchNormalization(fused="yes")
 
 
+@requires_tf
+class WideViewTest(test_case.LayerTestCase):
+    """The wide-view kernel (few channels, oneDNN off) against core Keras
+    computing in float64: outputs, gradients and moving statistics."""
+
+    LIMIT = {"renorm": True, "renorm_momentum": 0.5,
+             "renorm_clipping": {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}}
+
+    def _layers(self, cfg, shape, rng):
+        ours = keras_bn.BatchNormalization(**cfg)
+        core = keras.layers.BatchNormalization(
+            dtype="float64",
+            **{k: v for k, v in cfg.items() if not k.startswith("renorm")},
+        )
+        ours.build(shape)
+        core.build(shape)
+        _randomize(ours, rng)
+        for w in core.weights:
+            w.assign(_named(ours, w.name).astype("float64"))
+        return ours, core
+
+    @parameterized.named_parameters(
+        ("full_row", {}, (16, 4, 4, 6), 0.0),
+        ("partial_row", {"momentum": 0.5}, (12, 8), 0.0),
+        ("one_channel", {}, (256, 1), 0.0),
+        ("no_affine", {"center": False, "scale": False}, (8, 4, 4, 4), 0.0),
+        # Centred sums keep float32 accurate when the mean is large.
+        ("large_mean", {}, (32, 8, 8), 1e3),
+        # Renormalization with r = 1 and d = 0 is batch normalization.
+        ("renorm_limit", LIMIT, (16, 4, 4, 6), 0.0),
+    )
+    def test_equals_core_keras_in_float64(self, cfg, shape, mean):
+        import tensorflow as tf
+
+        rng = _rng(31)
+        ours, core = self._layers(cfg, shape, rng)
+        tolerance = 1e-3 if mean else 1e-4
+        for step in range(3):
+            x = rng.normal(mean + step, 1.0 + step, shape).astype("float32")
+            w = rng.normal(0.0, 1.0, shape)
+            results = []
+            for layer, dtype in ((ours, "float32"), (core, "float64")):
+                x_value = tf.constant(x.astype(dtype))
+                with paths.expect(self, "wide", set()) if layer is ours \
+                        else contextlib.nullcontext():
+                    with tf.GradientTape() as tape:
+                        tape.watch(x_value)
+                        y = tf.cast(layer(x_value, training=True), "float64")
+                        loss = tf.reduce_sum(y * w)
+                grads = tape.gradient(loss, [x_value] + layer.trainable_weights)
+                results.append([y] + grads)
+            self.assertLen(results[0], len(results[1]))
+            for a, b in zip(*results):
+                self.assertAllClose(
+                    tf.cast(a, "float64"), b, atol=tolerance, rtol=tolerance
+                )
+        # Renormalization averages the standard deviation instead.
+        names = ["moving_mean"] + ([] if "renorm" in cfg else [
+            "moving_variance"])
+        for name in names:
+            self.assertAllClose(
+                _named(ours, name), _named(core, name), atol=1e-4, rtol=1e-4,
+                msg=name,
+            )
+
+    def test_second_order_gradients_equal_core_keras(self):
+        # A gradient penalty differentiates the closed-form gradient again.
+        import tensorflow as tf
+
+        rng = _rng(32)
+        shape = (16, 4, 4, 6)
+        ours, core = self._layers({}, shape, rng)
+        x = rng.normal(1.0, 2.0, shape).astype("float32")
+        w = rng.normal(0.0, 1.0, shape)
+
+        def penalty_grads(layer, dtype):
+            x_value = tf.constant(x.astype(dtype))
+            with tf.GradientTape() as outer:
+                outer.watch(x_value)
+                with tf.GradientTape() as inner:
+                    inner.watch(x_value)
+                    y = tf.cast(layer(x_value, training=True), "float64")
+                    loss = tf.reduce_sum(y * w) + tf.reduce_sum(y**3) / 10
+                dx = inner.gradient(loss, x_value)
+                penalty = tf.reduce_sum(tf.cast(dx, "float64") ** 2)
+            return outer.gradient(
+                penalty, [x_value] + layer.trainable_weights
+            )
+
+        with paths.expect(self, "wide", set()):
+            got = penalty_grads(ours, "float32")
+        expected = penalty_grads(core, "float64")
+        for a, b in zip(got, expected):
+            self.assertAllClose(
+                tf.cast(a, "float64"), b, atol=1e-3, rtol=1e-3
+            )
+
+
 def _twin_layers(shape, rng, fused_values, **kwargs):
     """Two `BatchNormalization(**kwargs)` layers, one per `fused` value,
     built for `shape` with the same random weights."""
@@ -1098,7 +1201,7 @@ def _facts(**changes):
         backend="tensorflow", device="cpu", onednn=True, dtype="float32",
         elements=2**22, masked=False, ghost=False, last_axis_only=True,
         epsilon=1e-3, synchronizing=False, training=True,
-        xla_compiling=False, fused=None, xla_kernel=None,
+        xla_compiling=False, fused=None, xla_kernel=None, channels=64,
     )
     facts.update(changes)
     return _dispatch.Call(**facts)
@@ -1119,7 +1222,7 @@ class DispatchTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
         ("onednn", {}, "fused"),
         ("eigen", {"onednn": False}, "xla"),
-        ("eigen_small", {"onednn": False, "elements": 1000}, "fused"),
+        ("eigen_small", {"onednn": False, "elements": 1000}, "ops"),
         ("eigen_unknown_size", {"onednn": False, "elements": None}, "xla"),
         ("mask_cpu", {"masked": True}, "xla"),
         ("mask_cpu_small", {"masked": True, "elements": 1000}, "ops"),
@@ -1151,6 +1254,55 @@ class DispatchTest(test_case.LayerTestCase):
                                        "masked": True}, "fused"),
         ("inference_xla_true", {"training": False, "xla_kernel": True},
          "ops"),
+        # Few channels with oneDNN off: the wide view, below 2**21 elements.
+        ("eigen_few_channels", {"onednn": False, "channels": 8,
+                                "elements": 2**20}, "wide"),
+        ("eigen_few_channels_small", {"onednn": False, "channels": 12,
+                                      "elements": 12 * 64}, "wide"),
+        ("eigen_few_channels_small_epsilon", {
+            "onednn": False, "channels": 8, "elements": 2**20,
+            "epsilon": 1e-6}, "wide"),
+        ("eigen_13_channels", {"onednn": False, "channels": 13,
+                               "elements": 13 * 2**17}, "xla"),
+        ("eigen_few_channels_large", {"onednn": False, "channels": 8,
+                                      "elements": 2**21}, "xla"),
+        ("eigen_few_channels_odd_rows", {"onednn": False, "channels": 8,
+                                         "elements": 8 * 1023}, "ops"),
+        ("eigen_few_channels_mask", {"onednn": False, "channels": 8,
+                                     "elements": 2**20, "masked": True},
+         "xla"),
+        ("eigen_few_channels_ghost", {"onednn": False, "channels": 8,
+                                      "elements": 2**20, "ghost": True},
+         "xla"),
+        ("eigen_few_channels_axes", {"onednn": False, "channels": 8,
+                                     "elements": 2**20,
+                                     "last_axis_only": False}, "xla"),
+        ("eigen_few_channels_float64", {"onednn": False, "channels": 8,
+                                        "elements": 2**20,
+                                        "dtype": "float64"}, "xla"),
+        ("eigen_few_channels_synchronizing", {
+            "onednn": False, "channels": 8, "elements": 2**20,
+            "synchronizing": True}, "ops"),
+        ("eigen_few_channels_under_xla", {
+            "onednn": False, "channels": 8, "elements": 2**20,
+            "xla_compiling": True}, "fused"),
+        ("eigen_few_channels_xla_false", {
+            "onednn": False, "channels": 8, "elements": 2**20,
+            "xla_kernel": False}, "fused"),
+        ("eigen_few_channels_gpu", {"onednn": False, "channels": 8,
+                                    "elements": 2**20, "device": "gpu"},
+         "fused"),
+        ("onednn_few_channels", {"channels": 8, "elements": 2**20}, "fused"),
+        # oneDNN's kernel is slow for channel counts not a multiple of 4.
+        ("onednn_three_channels", {"channels": 3, "elements": 3 * 2**15},
+         "wide"),
+        ("onednn_odd_channels", {"channels": 30}, "xla"),
+        ("onednn_odd_channels_small", {"channels": 30, "elements": 30 * 64},
+         "ops"),
+        ("onednn_odd_channels_half", {"channels": 30, "elements": 30 * 64,
+                                      "dtype": "bfloat16"}, "fused"),
+        ("onednn_odd_channels_mask", {"channels": 30, "masked": True,
+                                      "elements": 30 * 64}, "ops"),
     )
     def test_rules(self, changes, expected):
         from keras_bn import _dispatch
@@ -1158,6 +1310,27 @@ class DispatchTest(test_case.LayerTestCase):
         path = _dispatch.choose(_facts(**changes))
         self.assertEqual(path.name, expected, path.reason)
         self.assertTrue(path.reason)
+
+    @parameterized.named_parameters(
+        # The smallest power of two that makes a row a multiple of 128
+        # entries, or the largest one that divides the rows, with at
+        # least 32 entries a row.
+        ("eight_channels", 8, 2**17, 16),
+        ("twelve_channels", 12, 2**17, 32),
+        ("three_channels", 3, 2**15, 128),
+        ("one_channel", 1, 64, 64),
+        ("rows_of_twelve", 8, 12, 4),
+        ("rows_too_short", 8, 6, None),
+        ("odd_rows", 4, 1023, None),
+    )
+    def test_wide_view_positions(self, channels, rows, expected):
+        from keras_bn import _dispatch
+
+        facts = _facts(onednn=False, channels=channels,
+                       elements=channels * rows)
+        self.assertEqual(_dispatch.wide_positions(facts), expected)
+        if expected:
+            self.assertEqual(_dispatch.choose(facts).positions, expected)
 
     @parameterized.named_parameters(
         ("mask", {"fused": True, "masked": True}, "fused=True", "mask"),

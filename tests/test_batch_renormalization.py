@@ -272,6 +272,9 @@ REFERENCE_GRID = (
      (8, 3), None),
     ("ghost_mask", {"virtual_batch_size": 2, "axis": 1,
                     "renorm_clipping": TIGHT}, (6, 3, 4), "sequence"),
+    # Few channels: the wide view (see test_batch_normalization.py).
+    ("few_channels", {"renorm_clipping": TIGHT, "momentum": 0.8},
+     (16, 4, 4, 6), None),
 )
 
 
@@ -299,7 +302,7 @@ class ReferenceTest(test_case.LayerTestCase):
             )
             for step in range(5)
         ]
-        paths.skip_unless_serves(self, layer, *steps[0])
+        paths.skip_unless_serves(self, path, layer, *steps[0])
         for step, (x, mask) in enumerate(steps):
             with paths.expect(self, path, PATHS_RAN):
                 y = layer(x, training=True, mask=mask)
@@ -345,7 +348,7 @@ class ReferenceTest(test_case.LayerTestCase):
         state = _state(layer)
         cfg = {"epsilon": 1e-9}
         x = rng.normal(1e4 + 2e-4, 1.2e-3, shape)
-        paths.skip_unless_serves(self, layer, x)
+        paths.skip_unless_serves(self, path, layer, x)
         with paths.expect(self, path, PATHS_RAN):
             y = layer(x, training=True)
         expected, _ = reference_train_step(x, state, cfg, clipping)
@@ -445,7 +448,7 @@ class CoreKerasEquivalenceTest(test_case.LayerTestCase):
             )
             for step in range(5)
         ]
-        paths.skip_unless_serves(self, ours, *steps[0])
+        paths.skip_unless_serves(self, path, ours, *steps[0])
         for step, (x, mask) in enumerate(steps):
             with paths.expect(self, path, PATHS_RAN):
                 y = ours(x, training=True, mask=mask)
