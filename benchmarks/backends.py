@@ -276,9 +276,9 @@ def main(argv=None):
         for r in result["rows"]:
             print(
                 f"| {r['backend']} | {r['pair']} | {tuple(r['shape'])} "
-                f"| {r['path']} | {r['core_ms']:.1f} | {r['keras_bn_ms']:.1f} "
-                f"| {r['time_ratio']:.2f} | {r['core_peak_mib']:.1f} "
-                f"| {r['keras_bn_peak_mib']:.1f} | {r['memory_ratio']:.2f} |"
+                f"| {r['path']} | {r['core_ms']:.3g} | {r['keras_bn_ms']:.3g} "
+                f"| {r['time_ratio']:.2f} | {r['core_peak_mib']:.3g} "
+                f"| {r['keras_bn_peak_mib']:.3g} | {r['memory_ratio']:.2f} |"
             )
     return 0
 
