@@ -173,10 +173,6 @@ def choose(call):
         return Path(XLA, "xla_kernel=True" if call.xla_kernel else (
             f"{XLA_KERNEL_VARIABLE}=1"))
     problems = fused_problems(call)
-    if xla_kernel is False:
-        if problems:
-            return Path(OPS, _cannot_fuse(problems))
-        return Path(FUSED, "TensorFlow's kernel serves the call")
     if call.xla_compiling:
         if problems:
             return Path(OPS, "under XLA the keras.ops path compiles as well; "
@@ -193,21 +189,29 @@ def choose(call):
         return Path(WIDE, f"{slow}; with {call.channels} channels, "
                     f"TensorFlow's ops on a view of {positions} rows side "
                     "by side, nothing to compile", positions)
-    if call.dtype in ("float32", "float64") and not small:
+    if xla_kernel is False:
+        # Refused: the rules below without the XLA kernel.
+        without_xla = ("xla_kernel=False" if call.xla_kernel is False
+                       else f"{XLA_KERNEL_VARIABLE}=0")
+    elif small:
+        without_xla = (f"under {XLA_MIN_ELEMENTS} elements the XLA "
+                       "kernel's compilation costs more than it saves")
+    elif call.dtype in ("float32", "float64"):
         if problems:
             return Path(XLA, "on a CPU the XLA kernel serves the call; "
                         + _cannot_fuse(problems))
         if slow:
             return Path(XLA, f"{slow}; the XLA kernel is faster")
         return Path(FUSED, "oneDNN's fused kernel")
+    else:
+        without_xla = None
     if problems:
-        return Path(OPS, _cannot_fuse(problems) + (
-            f"; under {XLA_MIN_ELEMENTS} elements the XLA kernel's "
-            "compilation costs more than it saves" if small else ""))
-    if slow and call.dtype == "float32":
-        return Path(OPS, f"{slow}; under {XLA_MIN_ELEMENTS} elements the "
-                    "keras.ops path is faster than it, with nothing to "
-                    "compile")
+        return Path(OPS, "; ".join(
+            [_cannot_fuse(problems)] + [without_xla] * bool(without_xla)))
+    if slow and call.dtype == "float32" and (small or call.onednn):
+        # Above 2**20 elements Eigen's kernel is the faster of the two.
+        return Path(OPS, f"{slow}; the keras.ops path is faster than it, "
+                    f"with nothing to compile; {without_xla}")
     return Path(FUSED, "TensorFlow's kernel serves the call")
 
 
@@ -215,9 +219,10 @@ def slow_cpu_kernel(call):
     """Why TensorFlow's fused kernel is the slow choice for a float32 call
     on a CPU (`None`: it is not).
 
-    Eigen's kernel (oneDNN off) is slower than the `keras.ops` path, and
-    oneDNN's is 2 to 6 times slower than it for a channel count that is not
-    a multiple of `ONEDNN_CHANNEL_MULTIPLE` (docs/performance.md).
+    Eigen's kernel (oneDNN off) is slower than the XLA kernel, and under
+    `XLA_MIN_ELEMENTS` elements than the `keras.ops` path; oneDNN's is 2 to
+    6 times slower than both for a channel count that is not a multiple of
+    `ONEDNN_CHANNEL_MULTIPLE` (docs/performance.md).
     """
     if not call.onednn:
         return "oneDNN is off, and Eigen's fused kernel is slow on a CPU"

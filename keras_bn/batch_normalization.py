@@ -138,7 +138,8 @@ class BatchNormalization(layers.Layer):
             2**20 elements, where TensorFlow's kernel cannot serve or is
             slow there); `True` runs it in every training call, or raises a
             `ValueError` (other backends, synchronization in progress);
-            `False` never. With `None`, the environment variable
+            `False` never (the other paths are chosen as with `None`).
+            With `None`, the environment variable
             `KERAS_BN_XLA_KERNEL=1` or `=0` sets a process-wide `True` or
             `False`. Cannot be `True` together with a `fused` that is not
             `None`. Defaults to `None`.

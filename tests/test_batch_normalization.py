@@ -855,7 +855,7 @@ class FusedPathTest(test_case.LayerTestCase):
     """The kernels and the keras.ops path give equal numbers.
 
     `kernel`: "xla" forces the XLA-compiled kernel where it can serve,
-    "tensorflow" rules it out, leaving TensorFlow's fused kernel.
+    "tensorflow" asks for TensorFlow's fused kernel (`fused=True`).
     """
 
     @parameterized.named_parameters(
@@ -902,9 +902,8 @@ class FusedPathTest(test_case.LayerTestCase):
         import tensorflow as tf
 
         rng = _rng(21)
-        layers = _twin_layers(
-            shape, rng, (None, False), dtype=dtype, **cfg
-        )
+        fused = (True, False) if kernel == "tensorflow" else (None, False)
+        layers = _twin_layers(shape, rng, fused, dtype=dtype, **cfg)
         compute = "float64" if dtype == "float64" else "float32"
 
         def step(layer, x, w):
@@ -1017,9 +1016,8 @@ class FusedPathTest(test_case.LayerTestCase):
 
         rng = _rng(23)
         shape = (6, 3)
-        layers = _twin_layers(
-            shape, rng, (None, False), dtype=dtype, **cfg
-        )
+        fused = (True, False) if kernel == "0" else (None, False)
+        layers = _twin_layers(shape, rng, fused, dtype=dtype, **cfg)
         x = tf.constant(rng.normal(1.0, 2.0, shape).astype(dtype))
         w = tf.constant(rng.normal(0.0, 1.0, shape).astype(dtype))
 
@@ -1286,9 +1284,18 @@ class DispatchTest(test_case.LayerTestCase):
         ("eigen_few_channels_under_xla", {
             "onednn": False, "channels": 8, "elements": 2**20,
             "xla_compiling": True}, "fused"),
+        # xla_kernel=False rules out the XLA kernel, not the other paths.
         ("eigen_few_channels_xla_false", {
             "onednn": False, "channels": 8, "elements": 2**20,
-            "xla_kernel": False}, "fused"),
+            "xla_kernel": False}, "wide"),
+        ("xla_false_small", {"xla_kernel": False, "onednn": False,
+                             "elements": 1000}, "ops"),
+        ("xla_false_odd_channels", {"xla_kernel": False, "channels": 30},
+         "ops"),
+        ("xla_false_float64", {"xla_kernel": False, "dtype": "float64"},
+         "ops"),
+        ("xla_false_half", {"xla_kernel": False, "dtype": "float16",
+                            "onednn": False}, "fused"),
         ("eigen_few_channels_gpu", {"onednn": False, "channels": 8,
                                     "elements": 2**20, "device": "gpu"},
          "fused"),
