@@ -192,7 +192,8 @@ def choose(call):
     if xla_kernel is False:
         # Refused: the rules below without the XLA kernel.
         without_xla = ("xla_kernel=False" if call.xla_kernel is False
-                       else f"{XLA_KERNEL_VARIABLE}=0")
+                       else f"{XLA_KERNEL_VARIABLE}=0"
+                       ) + " rules out the XLA kernel"
     elif small:
         without_xla = (f"under {XLA_MIN_ELEMENTS} elements the XLA "
                        "kernel's compilation costs more than it saves")
@@ -212,7 +213,8 @@ def choose(call):
         # Above 2**20 elements Eigen's kernel is the faster of the two.
         return Path(OPS, f"{slow}; the keras.ops path is faster than it, "
                     f"with nothing to compile; {without_xla}")
-    return Path(FUSED, "TensorFlow's kernel serves the call")
+    return Path(FUSED, "TensorFlow's kernel serves the call" + (
+        f"; {without_xla}" if xla_kernel is False else ""))
 
 
 def slow_cpu_kernel(call):

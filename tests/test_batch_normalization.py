@@ -1354,6 +1354,24 @@ class DispatchTest(test_case.LayerTestCase):
         with self.assertRaisesRegex(ValueError, f"{argument}.*{reason}"):
             _dispatch.choose(_facts(**changes))
 
+    @parameterized.named_parameters(
+        ("argument", {"xla_kernel": False}, None, "xla_kernel=False"),
+        ("environment", {}, "0", "KERAS_BN_XLA_KERNEL=0"),
+    )
+    def test_refused_xla_kernel_is_named_in_the_reason(
+        self, changes, setting, named
+    ):
+        from keras_bn import _dispatch
+
+        cases = [({"onednn": False}, "fused"), ({"channels": 30}, "ops"),
+                 ({"dtype": "float64"}, "ops")]
+        with _xla_kernel(setting or ""):
+            for facts, expected in cases:
+                path = _dispatch.choose(_facts(**changes, **facts))
+                self.assertEqual(path.name, expected, msg=facts)
+                self.assertIn(f"{named} rules out the XLA kernel",
+                              path.reason)
+
     @parameterized.named_parameters(("on", "1", "xla"), ("off", "0", "fused"))
     def test_environment_variable_is_the_process_default(
         self, setting, expected
