@@ -189,32 +189,34 @@ def choose(call):
         return Path(WIDE, f"{slow}; with {call.channels} channels, "
                     f"TensorFlow's ops on a view of {positions} rows side "
                     "by side, nothing to compile", positions)
-    if xla_kernel is False:
-        # Refused: the rules below without the XLA kernel.
-        without_xla = ("xla_kernel=False" if call.xla_kernel is False
-                       else f"{XLA_KERNEL_VARIABLE}=0"
-                       ) + " rules out the XLA kernel"
-    elif small:
-        without_xla = (f"under {XLA_MIN_ELEMENTS} elements the XLA "
-                       "kernel's compilation costs more than it saves")
-    elif call.dtype in ("float32", "float64"):
+    if xla_kernel is not False and not small and call.dtype in (
+        "float32", "float64"
+    ):
         if problems:
             return Path(XLA, "on a CPU the XLA kernel serves the call; "
                         + _cannot_fuse(problems))
         if slow:
             return Path(XLA, f"{slow}; the XLA kernel is faster")
         return Path(FUSED, "oneDNN's fused kernel")
+    # Why not the XLA kernel, where it could have served.
+    if xla_kernel is False:
+        without_xla = [("xla_kernel=False" if call.xla_kernel is False
+                        else f"{XLA_KERNEL_VARIABLE}=0")
+                       + " rules out the XLA kernel"]
+    elif call.dtype in ("float32", "float64"):
+        without_xla = [f"under {XLA_MIN_ELEMENTS} elements the XLA kernel's "
+                       "compilation costs more than it saves"]
     else:
-        without_xla = None
+        without_xla = []
     if problems:
-        return Path(OPS, "; ".join(
-            [_cannot_fuse(problems)] + [without_xla] * bool(without_xla)))
+        return Path(OPS, "; ".join([_cannot_fuse(problems)] + without_xla))
     if slow and call.dtype == "float32" and (small or call.onednn):
         # Above 2**20 elements Eigen's kernel is the faster of the two.
-        return Path(OPS, f"{slow}; the keras.ops path is faster than it, "
-                    f"with nothing to compile; {without_xla}")
-    return Path(FUSED, "TensorFlow's kernel serves the call" + (
-        f"; {without_xla}" if xla_kernel is False else ""))
+        return Path(OPS, "; ".join(
+            [f"{slow}; the keras.ops path is faster than it, with nothing "
+             "to compile"] + without_xla))
+    return Path(FUSED, "; ".join(
+        ["TensorFlow's kernel serves the call"] + without_xla))
 
 
 def slow_cpu_kernel(call):
@@ -242,9 +244,8 @@ def wide_positions(call):
     batches or synchronization, of at most `WIDE_MAX_CHANNELS` channels
     and fewer than `WIDE_MAX_ELEMENTS` elements: `positions` is the
     smallest power of two for which a row holds a multiple of `WIDE_ROW`
-    entries, or the largest power of two
-    that divides the rows if that is smaller, as long as a row holds at
-    least `WIDE_MIN_ROW` entries.
+    entries, or the largest power of two that divides the rows if that is
+    smaller, as long as a row holds at least `WIDE_MIN_ROW` entries.
     """
     channels = call.channels
     if (
