@@ -9,7 +9,9 @@ through one of five paths:
 - `"fused"`: TensorFlow's fused batch-normalization kernel
   (`FusedBatchNormV3`: cuDNN on a GPU, oneDNN or Eigen on a CPU). It
   normalizes the last axis alone, without a mask or ghost batches, for
-  float16, bfloat16 and float32 inputs and `epsilon >= 1.001e-5`. Batch
+  float16, bfloat16 and float32 inputs and `epsilon >= 1.001e-5`, and
+  never for training under XLA (`jit_compile`), where XLA's expansion of
+  it loses the variance of inputs with a large mean. Batch
   renormalization calls it twice in the forward pass.
 - `"xla"`: a small XLA-compiled kernel (moments, normalization and its
   gradient) that TensorFlow calls from an ordinary graph, for training on
@@ -174,10 +176,9 @@ def choose(call):
             f"{XLA_KERNEL_VARIABLE}=1"))
     problems = fused_problems(call)
     if call.xla_compiling:
-        if problems:
-            return Path(OPS, "under XLA the keras.ops path compiles as well; "
-                        + _cannot_fuse(problems))
-        return Path(FUSED, "TensorFlow's kernel, compiled by XLA")
+        # `fused_problems` always names XLA's expansion of the kernel here.
+        return Path(OPS, "under XLA the keras.ops path compiles as well; "
+                    + _cannot_fuse(problems))
     if call.device != "cpu":
         if problems:
             return Path(OPS, _cannot_fuse(problems))
@@ -338,10 +339,24 @@ def choose_recurrent_input(backend, device, eager, xla_compiling):
 
 
 def fused_problems(call):
-    """Why TensorFlow's fused kernel cannot serve `call` (empty: it can)."""
-    return _call_problems(call, FUSED_DTYPES, config_problems(
+    """Why TensorFlow's fused kernel cannot serve `call` (empty: it can).
+
+    Under XLA (`jit_compile=True`) a training call is one of them: XLA
+    replaces the kernel with its own expansion, which computes the batch
+    variance as `E[x**2] - E[x]**2` in float32, without a clamp, so that a
+    large mean against a small spread gives a wrong, even negative,
+    variance. Inference with the moving statistics is not affected.
+    """
+    problems = _call_problems(call, FUSED_DTYPES, config_problems(
         call.backend, call.last_axis_only, call.ghost, call.epsilon
     ))
+    if call.training and call.xla_compiling:
+        problems.append(
+            "under XLA (jit_compile) the kernel's training statistics are "
+            "computed as E[x**2] - E[x]**2, which loses the variance when "
+            "the mean is large against the spread"
+        )
+    return problems
 
 
 def _call_problems(call, dtypes, problems):

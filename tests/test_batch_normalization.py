@@ -888,14 +888,9 @@ class FusedPathTest(test_case.LayerTestCase):
          "tensorflow"),
         ("renorm_mixed_bfloat16", RENORM_MIXED, (8, 3, 4), "mixed_bfloat16",
          False, "tensorflow"),
-        # Under XLA the kernels run inlined in the outer function.
-        ("renorm_xla", RENORM, (8, 3, 4), "float32", True, "tensorflow"),
+        # Under XLA the XLA kernel runs inlined in the outer function;
+        # TensorFlow's kernel refuses to train there (`FusedUnderXLATest`).
         ("renorm_xla_kernel", RENORM, (8, 3, 4), "float32", True, "xla"),
-        ("renorm_mixed_xla", RENORM_MIXED, (8, 3, 4), "mixed_float16", True,
-         "tensorflow"),
-        ("renorm_no_affine_xla", dict(RENORM, center=False, scale=False),
-         (2, 3, 3, 4), "float32", True, "tensorflow"),
-        ("dense_xla", {}, (16, 4), "float32", True, "tensorflow"),
         ("dense_xla_kernel", {}, (16, 4), "float32", True, "xla"),
     )
     def test_fused_equals_ops_path(self, cfg, shape, dtype, jit, kernel):
@@ -1045,24 +1040,27 @@ class FusedPathTest(test_case.LayerTestCase):
             str(graph),
         )
 
-    def test_fused_under_jit_compile_equals_eager(self):
+    def test_fused_true_refuses_to_train_under_jit_compile(self):
+        # XLA's expansion of TensorFlow's kernel computes the variance as
+        # E[x**2] - E[x]**2; keras_bn refuses it rather than run it.
         import tensorflow as tf
 
         rng = _rng(22)
         shape = (4, 5, 5, 3)
-        eager, compiled = (keras_bn.BatchNormalization() for _ in range(2))
-        for layer in (eager, compiled):
-            layer.build(shape)
-        _randomize(eager, rng)
-        compiled.set_weights(eager.get_weights())
-        step = tf.function(
-            lambda x: compiled(x, training=True), jit_compile=True
+        layer = keras_bn.BatchNormalization(fused=True)
+        layer.build(shape)
+        _randomize(layer, rng)
+        x = rng.normal(0.0, 2.0, shape).astype("float32")
+        train = tf.function(
+            lambda x: layer(x, training=True), jit_compile=True
         )
-        for i in range(3):
-            x = rng.normal(i, 2.0, shape).astype("float32")
-            self.assertAllClose(step(x), eager(x, training=True))
-        for a, b in zip(compiled.weights, eager.weights):
-            self.assertAllClose(a, b, msg=a.name)
+        with self.assertRaisesRegex(ValueError, "fused=True.*jit_compile"):
+            train(x)
+        # Inference reads the moving statistics: the kernel serves it.
+        infer = tf.function(
+            lambda x: layer(x, training=False), jit_compile=True
+        )
+        self.assertAllClose(infer(x), layer(x, training=False), atol=1e-5)
 
     @parameterized.named_parameters(
         ("not_last_axis", {"axis": 1}, "axis=1"),
@@ -1232,7 +1230,13 @@ class DispatchTest(test_case.LayerTestCase):
         ("gpu", {"device": "gpu"}, "fused"),
         ("gpu_mask", {"device": "gpu", "masked": True}, "ops"),
         ("gpu_float64", {"device": "gpu", "dtype": "float64"}, "ops"),
-        ("under_xla", {"xla_compiling": True, "onednn": False}, "fused"),
+        ("under_xla", {"xla_compiling": True, "onednn": False}, "ops"),
+        ("under_xla_gpu", {"xla_compiling": True, "device": "gpu"}, "ops"),
+        ("under_xla_half", {"xla_compiling": True, "dtype": "float16"},
+         "ops"),
+        ("inference_half_under_xla", {"xla_compiling": True,
+                                      "training": False,
+                                      "dtype": "bfloat16"}, "fused"),
         ("under_xla_mask", {"xla_compiling": True, "masked": True}, "ops"),
         ("synchronizing", {"synchronizing": True}, "ops"),
         ("small_epsilon", {"epsilon": 1e-6, "onednn": False,
@@ -1283,7 +1287,7 @@ class DispatchTest(test_case.LayerTestCase):
             "synchronizing": True}, "ops"),
         ("eigen_few_channels_under_xla", {
             "onednn": False, "channels": 8, "elements": 2**20,
-            "xla_compiling": True}, "fused"),
+            "xla_compiling": True}, "ops"),
         # xla_kernel=False rules out the XLA kernel, not the other paths.
         ("eigen_few_channels_xla_false", {
             "onednn": False, "channels": 8, "elements": 2**20,
@@ -1347,6 +1351,8 @@ class DispatchTest(test_case.LayerTestCase):
          "fused=True", "synchronization"),
         ("xla_synchronizing", {"xla_kernel": True, "synchronizing": True},
          "xla_kernel=True", "synchronization"),
+        ("under_xla", {"fused": True, "xla_compiling": True}, "fused=True",
+         r"jit_compile.*E\[x\*\*2\] - E\[x\]\*\*2"),
     )
     def test_refusals_say_why(self, changes, argument, reason):
         from keras_bn import _dispatch
