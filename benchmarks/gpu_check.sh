@@ -1,5 +1,9 @@
 #!/usr/bin/env bash
 # keras_bn's checks on a GPU, in one go (under 8 minutes on one GPU):
+#   0. the numerics grid (tests/test_numerics.py): every path, eagerly, in
+#      a graph and under jit_compile (model.fit's default on a GPU), on
+#      inputs with a large mean against a small spread, against float64
+#      and core Keras; where cuDNN's kernel serves the eager calls;
 #   1. the path-equivalence and NumPy-reference tests of the batch-
 #      normalization layers, where the fused path is cuDNN, the XLA paths
 #      compile for the GPU, and the mixed_float16 / mixed_bfloat16 cases
@@ -38,6 +42,11 @@ if ! grep -q "GPUs: \[Physical" "$out/device.txt" \
   echo "TensorFlow sees no GPU; see $out/device.txt" >&2
   exit 2
 fi
+
+# 0. The numerics contract first: it matters most where XLA is the default.
+timeout 240 python -m pytest -q -p no:cacheprovider tests/test_numerics.py \
+  --junitxml="$out/numerics.xml" > "$out/numerics.txt" 2>&1 || status=1
+tail -n 3 "$out/numerics.txt"
 
 # 1. Every path against NumPy and core Keras, the kernels against the
 # keras.ops path, the dispatch's graph ops, XLA and mixed precision.
