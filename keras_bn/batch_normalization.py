@@ -1,6 +1,5 @@
 """Batch normalization, a drop-in for `keras.layers.BatchNormalization`."""
 
-import inspect
 import math
 
 from keras import backend
@@ -13,6 +12,7 @@ from keras import saving
 
 from keras_bn import _dispatch
 from keras_bn import _kernels
+from keras_bn import _replicas
 from keras_bn import _statistics
 from keras_bn import _torch_kernels
 from keras_bn import _validation
@@ -143,10 +143,13 @@ class BatchNormalization(layers.Layer):
             `KERAS_BN_XLA_KERNEL=1` or `=0` sets a process-wide `True` or
             `False`. Cannot be `True` together with a `fused` that is not
             `None`. Defaults to `None`.
-        renorm, renorm_clipping, renorm_momentum: As in
-            `keras.layers.BatchNormalization`: `renorm=True` constructs a
-            `keras_bn.BatchRenormalization` with these arguments (see there).
-            Default to `False`, `None` and `0.99`.
+        renorm: Must be `False`; accepted so that the signature is core
+            Keras's. Batch renormalization is
+            `keras_bn.BatchRenormalization`, with the same arguments, and
+            `from_config` gives one for a core Keras config with
+            `renorm=True`. Defaults to `False`.
+        renorm_clipping, renorm_momentum: Accepted with `renorm=False` and
+            unused, as in core Keras. Default to `None` and `0.99`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -179,26 +182,8 @@ class BatchNormalization(layers.Layer):
       batches).
     """
 
-    # Batch renormalization's class registers itself here (see
-    # `__init_subclass__`), so this module does not import it.
-    _renormalizing_class = None
     # Whether `_normalized_affine` needs the batch's statistics.
     _affine_uses_statistics = False
-
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        if (
-            cls.__dict__.get("_affine_uses_statistics")
-            and BatchNormalization._renormalizing_class is None
-        ):
-            BatchNormalization._renormalizing_class = cls
-
-    def __new__(cls, *args, **kwargs):
-        # `BatchNormalization(renorm=True, ...)` builds the renormalizing
-        # subclass, so core Keras code and configs move over unchanged.
-        if cls is BatchNormalization and _asks_for_renorm(args, kwargs):
-            cls = BatchNormalization._renormalizing_class
-        return super().__new__(cls, *args, **kwargs)
 
     def __init__(
         self,
@@ -244,9 +229,10 @@ class BatchNormalization(layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         if renorm:
             raise ValueError(
-                f"{type(self).__name__} does not do batch renormalization; "
-                "subclass keras_bn.BatchRenormalization instead. Received: "
-                "renorm=True"
+                f"{type(self).__name__} does not do batch renormalization: "
+                "use keras_bn.BatchRenormalization, which takes the same "
+                "arguments (`from_config` turns a core Keras config with "
+                f"`renorm=True` into one). Received: renorm={renorm!r}"
             )
         synchronized = _validation.boolean("synchronized", synchronized)
         if synchronized and backend.backend() not in (
@@ -294,8 +280,8 @@ class BatchNormalization(layers.Layer):
         # The `keras.ops` path works on a view of the input in which every
         # run of adjacent reduced axes, and every run of adjacent normalized
         # axes, is one axis: (64, 32, 32, 64) is normalized as (65536, 64).
-        # XLA compiles the reductions of the merged view about twice as
-        # fast on a CPU, and the numbers are the same.
+        # XLA compiles faster reductions for the merged view on a CPU, and
+        # the numbers are the same.
         self._view_groups = _adjacent_runs(len(input_shape), axes)
         self._broadcast_shape = tuple(
             math.prod(input_shape[a] for a in group) if normalized else 1
@@ -407,6 +393,17 @@ class BatchNormalization(layers.Layer):
         training = bool(training and self.trainable)
         return _dispatch.choose(self._call_facts(inputs, mask, training))
 
+    @classmethod
+    def from_config(cls, config):
+        """The layer of `config`; a core Keras config with `renorm=True`
+        gives a `keras_bn.BatchRenormalization`."""
+        if cls is BatchNormalization and config.get("renorm"):
+            renormalizing = saving.get_registered_object(
+                "keras_bn>BatchRenormalization"
+            )
+            return renormalizing.from_config(config)
+        return super().from_config(config)
+
     def get_config(self):
         config = {
             "axis": self.axis,
@@ -482,7 +479,7 @@ class BatchNormalization(layers.Layer):
             synchronizing=bool(
                 training
                 and self.synchronized
-                and _statistics.replica_context() is not None
+                and _replicas.replica_context() is not None
             ),
             training=training,
             xla_compiling=on_tensorflow and _dispatch.xla_compiling(),
@@ -775,16 +772,6 @@ class BatchNormalization(layers.Layer):
                 f"{tuple(x.shape)}"
             )
         return mask
-
-
-def _asks_for_renorm(args, kwargs):
-    try:
-        bound = inspect.signature(BatchNormalization.__init__).bind(
-            None, *args, **kwargs
-        )
-    except TypeError:
-        return False  # `__init__` reports the bad arguments.
-    return bool(bound.arguments.get("renorm", False))
 
 
 def _adjacent_runs(rank, normalized_axes):

@@ -105,6 +105,13 @@ class BatchRenormalization(BatchNormalization):
             `False`.
         virtual_batch_size: Positive integer, the size of the ghost batches
             (each with its own `r` and `d`), or `None`. Defaults to `None`.
+        fused: Whether the backend's fused kernel runs, as in
+            `keras_bn.BatchNormalization`: `None` lets keras_bn choose,
+            `True` requires it (or raises a `ValueError` that says why),
+            `False` never. Defaults to `None`.
+        xla_kernel: Whether keras_bn's XLA-compiled kernel runs in
+            training on TensorFlow, as in `keras_bn.BatchNormalization`.
+            Defaults to `None`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`).
 
     Call arguments:
@@ -155,6 +162,8 @@ class BatchRenormalization(BatchNormalization):
         renorm_momentum=0.99,
         synchronized=False,
         virtual_batch_size=None,
+        fused=None,
+        xla_kernel=None,
         **kwargs,
     ):
         if renorm is not True:
@@ -180,6 +189,8 @@ class BatchRenormalization(BatchNormalization):
             renorm=False,
             synchronized=synchronized,
             virtual_batch_size=virtual_batch_size,
+            fused=fused,
+            xla_kernel=xla_kernel,
             **kwargs,
         )
         self.renorm = True

@@ -5,6 +5,7 @@ import keras
 from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
+from keras_bn.batch_renormalization import BatchRenormalization
 
 _RENORM_KEYS = ("renorm", "renorm_clipping", "renorm_momentum")
 
@@ -124,9 +125,13 @@ def convert_batch_normalization(
                 # Each keras_bn class sets its own renormalization defaults.
                 for key in _RENORM_KEYS:
                     config.pop(key, None)
+            target = layer_class
+            if layer.renorm and layer_class is BatchNormalization:
+                # As `BatchNormalization.from_config` does.
+                target = BatchRenormalization
             # The constructor, not `from_config`, so that a bad argument
             # raises the layer's own `ValueError`.
-            new = layer_class(**{**config, **kwargs})
+            new = target(**{**config, **kwargs})
         else:
             new = _graph.copy_node(layer)
         copies.append((layer, new))

@@ -297,15 +297,22 @@ class CoreKerasEquivalenceTest(test_case.LayerTestCase):
         ("positional", (-1, 0.9, 1e-3, True, True, "zeros", "ones", "zeros",
                         "ones", None, None, None, None, True), {}),
     )
-    def test_renorm_true_builds_batch_renormalization(self, args, kwargs):
-        layer = keras_bn.BatchNormalization(*args, **kwargs)
-        self.assertIsInstance(layer, keras_bn.BatchRenormalization)
+    def test_renorm_true_points_to_batch_renormalization(self, args, kwargs):
+        with self.assertRaisesRegex(
+            ValueError, "keras_bn.BatchRenormalization.*renorm=True"
+        ):
+            keras_bn.BatchNormalization(*args, **kwargs)
         core = keras.layers.BatchNormalization(
             renorm=True, renorm_clipping={"rmax": 2.0}
         )
         revived = keras_bn.BatchNormalization.from_config(core.get_config())
         self.assertIsInstance(revived, keras_bn.BatchRenormalization)
         self.assertEqual(revived.renorm_clipping, {"rmax": 2.0})
+
+    def test_signature_is_core_keras_then_ours(self):
+        self.assertEqual(test_case.core_signature_differences(
+            keras_bn.BatchNormalization, keras.layers.BatchNormalization
+        ), [])
 
     def test_config_and_weights_move_between_core_and_ours(self):
         core = keras.layers.BatchNormalization(
@@ -803,7 +810,7 @@ class UnknownShapeTest(test_case.LayerTestCase):
         import tensorflow as tf
 
         rng = _rng(23)
-        eager, traced = (keras_bn.BatchNormalization(**cfg) for _ in "ab")
+        eager, traced = (_layer(**cfg) for _ in "ab")
         for layer in (eager, traced):
             layer.build(shape)
         _randomize(eager, rng)
@@ -1086,7 +1093,7 @@ class WideViewTest(test_case.LayerTestCase):
              "renorm_clipping": {"rmax": 1.0, "rmin": 1.0, "dmax": 0.0}}
 
     def _layers(self, cfg, shape, rng):
-        ours = keras_bn.BatchNormalization(**cfg)
+        ours = _layer(**cfg)
         core = keras.layers.BatchNormalization(
             dtype="float64",
             **{k: v for k, v in cfg.items() if not k.startswith("renorm")},
@@ -1175,13 +1182,18 @@ class WideViewTest(test_case.LayerTestCase):
             )
 
 
+def _layer(**kwargs):
+    """keras_bn's layer for core Keras's arguments `kwargs`:
+    `BatchRenormalization` for `renorm=True`."""
+    if kwargs.pop("renorm", False):
+        return keras_bn.BatchRenormalization(**kwargs)
+    return keras_bn.BatchNormalization(**kwargs)
+
+
 def _twin_layers(shape, rng, fused_values, **kwargs):
-    """Two `BatchNormalization(**kwargs)` layers, one per `fused` value,
-    built for `shape` with the same random weights."""
-    layers = [
-        keras_bn.BatchNormalization(fused=fused, **kwargs)
-        for fused in fused_values
-    ]
+    """Two `_layer(**kwargs)` layers, one per `fused` value, built for
+    `shape` with the same random weights."""
+    layers = [_layer(fused=fused, **kwargs) for fused in fused_values]
     for layer in layers:
         layer.build(shape)
     _randomize(layers[0], rng)
@@ -1464,7 +1476,7 @@ class GraphOpsTest(test_case.LayerTestCase):
     def test_requested_path_is_in_the_graph(self, cfg, present, absent):
         import tensorflow as tf
 
-        layer = keras_bn.BatchNormalization(**cfg)
+        layer = _layer(**cfg)
         layer.build((8, 4))
 
         def step(x):

@@ -486,6 +486,13 @@ class CoreKerasEquivalenceTest(test_case.LayerTestCase):
         for w in core.layers[1].weights:
             self.assertAllClose(_named(ours.layers[1], w.name), w, msg=w.name)
 
+    def test_signature_is_core_keras_then_ours(self):
+        # `renorm` defaults to `True` here: the class renormalizes.
+        self.assertEqual(test_case.core_signature_differences(
+            keras_bn.BatchRenormalization, keras.layers.BatchNormalization,
+            defaults_differ=("renorm",),
+        ), [])
+
     def test_core_config_loads(self):
         core = keras.layers.BatchNormalization(
             axis=1, momentum=0.9, epsilon=1e-4, renorm=True,

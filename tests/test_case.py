@@ -248,3 +248,35 @@ class LayerTestCase(parameterized.TestCase):
                 np.all(np.isfinite(keras.ops.convert_to_numpy(weight))),
                 weight.path,
             )
+
+
+def core_signature_differences(ours, core, defaults_differ=()):
+    """How `ours`'s constructor signature departs from `core`'s: it must
+    list every one of `core`'s arguments by name, in `core`'s order and
+    with `core`'s defaults (but those named in `defaults_differ`), before
+    its own, and end with `**kwargs`. Empty when it does."""
+    import inspect
+
+    ours = list(inspect.signature(ours).parameters.values())
+    core = list(inspect.signature(core).parameters.values())
+    problems = []
+    if [p.name for p in ours[: len(core) - 1]] != [
+        p.name for p in core[:-1]
+    ]:
+        problems.append(
+            f"argument order {[p.name for p in ours]} does not start with "
+            f"{[p.name for p in core[:-1]]}"
+        )
+    for mine, theirs in zip(ours, core[:-1]):
+        if mine.name in defaults_differ or mine.name != theirs.name:
+            continue
+        if mine.default != theirs.default:
+            problems.append(
+                f"{mine.name}: default {mine.default!r}, core's "
+                f"{theirs.default!r}"
+            )
+    if ours[-1].kind is not inspect.Parameter.VAR_KEYWORD:
+        problems.append("no **kwargs for the base layer's arguments")
+    if any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in ours):
+        problems.append("*args hides the arguments")
+    return problems

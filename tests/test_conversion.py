@@ -221,7 +221,7 @@ class ConvertBatchNormalizationTest(test_case.LayerTestCase):
         )(inputs)
         model = keras.Model(inputs, outputs)
         randomize_statistics(model)
-        # keras_bn.BatchNormalization(renorm=True) builds the subclass.
+        # keras_bn.BatchNormalization.from_config gives the subclass.
         plain = keras_bn.convert_batch_normalization(
             model, keras_bn.BatchNormalization
         )
