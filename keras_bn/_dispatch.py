@@ -52,7 +52,6 @@ FUSED = "fused"
 XLA = "xla"
 TORCH = "torch"
 WIDE = "wide"
-PATHS = (OPS, FUSED, XLA, TORCH, WIDE)
 
 XLA_KERNEL_VARIABLE = "KERAS_BN_XLA_KERNEL"
 # TensorFlow's kernel rejects smaller epsilons.
@@ -225,9 +224,9 @@ def slow_cpu_kernel(call):
     on a CPU (`None`: it is not).
 
     Eigen's kernel (oneDNN off) is slower than the XLA kernel, and under
-    `XLA_MIN_ELEMENTS` elements than the `keras.ops` path; oneDNN's is 2 to
-    6 times slower than both for a channel count that is not a multiple of
-    `ONEDNN_CHANNEL_MULTIPLE` (docs/performance.md).
+    `XLA_MIN_ELEMENTS` elements than the `keras.ops` path; oneDNN's is
+    slower than both for a channel count that is not a multiple of
+    `ONEDNN_CHANNEL_MULTIPLE` (docs/performance.md has the measurements).
     """
     if not call.onednn:
         return "oneDNN is off, and Eigen's fused kernel is slow on a CPU"
@@ -450,18 +449,3 @@ def xla_compiling():
     import tensorflow as tf
 
     return tf.__internal__.get_enclosing_xla_context() is not None
-
-
-def available_paths():
-    """The paths a float32 training call can take here, forced or not.
-
-    On TensorFlow `"ops"`, `"fused"` and `"xla"`, and `"wide"` on a CPU;
-    on torch `"ops"` and `"torch"`; on JAX `"ops"` alone.
-    """
-    from keras import backend
-
-    if backend.backend() == "tensorflow":
-        return (OPS, FUSED, XLA) + ((WIDE,) if device() == "cpu" else ())
-    if backend.backend() == "torch":
-        return (OPS, TORCH)
-    return (OPS,)

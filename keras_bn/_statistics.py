@@ -14,12 +14,13 @@ Conventions:
   never written into a moving average.
 """
 
-import functools
 import math
 
 import numpy as np
 from keras import backend
 from keras import ops
+
+from keras_bn import _replicas
 
 
 def statistics_dtype(dtype):
@@ -32,96 +33,6 @@ def statistics_dtype(dtype):
     """
     dtype = backend.standardize_dtype(dtype)
     return "float64" if dtype == "float64" else "float32"
-
-
-def replica_context():
-    """The group a synchronized layer reduces over, or `None`.
-
-    On TensorFlow, the `tf.distribute` replica context when it has more
-    than one replica; on PyTorch, the default `torch.distributed` process
-    group when it is initialized with more than one process (one replica
-    per process, as `torch.nn.SyncBatchNorm` assumes). `None` everywhere
-    else, JAX included: under `keras.distribution` one array spans every
-    device and process, so the reductions below already see the whole
-    batch.
-    """
-    name = backend.backend()
-    if name == "tensorflow":
-        import tensorflow as tf
-
-        ctx = tf.distribute.get_replica_context()
-        if ctx is None or ctx.num_replicas_in_sync == 1:
-            return None
-        return ctx
-    if name == "torch":
-        from torch import distributed
-
-        if (
-            distributed.is_available()
-            and distributed.is_initialized()
-            and distributed.get_world_size() > 1
-        ):
-            return distributed.group.WORLD
-    return None
-
-
-def cross_replica_sum(tensors):
-    """Sums each tensor of the list over all replicas (one collective).
-
-    Differentiable: the gradient of each replica's input is the sum of the
-    gradients that reach the result on every replica.
-    """
-    ctx = replica_context()
-    if ctx is None:
-        return tensors
-    if backend.backend() == "torch":
-        return _torch_all_reduce_sum(tensors)
-    import tensorflow as tf
-
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, tensors)
-
-
-def _torch_all_reduce_sum(tensors):
-    """`cross_replica_sum` over the default `torch.distributed` group."""
-    import torch
-
-    flat = torch.cat([torch.reshape(t, (-1,)) for t in tensors])
-    flat = _torch_all_reduce()(flat)
-    sizes = [t.numel() for t in tensors]
-    return [
-        torch.reshape(part, t.shape)
-        for part, t in zip(torch.split(flat, sizes), tensors)
-    ]
-
-
-@functools.cache
-def _torch_all_reduce():
-    """A differentiable all-reduce sum over the default process group.
-
-    `torch.distributed.nn.functional.all_reduce` does the same, but torch
-    2.13 deprecates it (a `FutureWarning`) in favour of a private module;
-    like `torch.nn.SyncBatchNorm`, keras_bn writes its own autograd
-    function instead.
-    """
-    import torch
-    from torch import distributed
-
-    class AllReduceSum(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            x = x.clone(memory_format=torch.contiguous_format)
-            distributed.all_reduce(x)
-            return x
-
-        @staticmethod
-        def backward(ctx, grad):
-            # Every process reads the sum, so each summand's gradient is
-            # the sum of the gradients of all the processes.
-            grad = grad.clone(memory_format=torch.contiguous_format)
-            distributed.all_reduce(grad)
-            return grad
-
-    return AllReduceSum.apply
 
 
 def _element_count(x, axes):
@@ -139,8 +50,8 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
     Two passes (mean, then mean squared deviation), which keeps float32
     accurate when the mean is large against the standard deviation. With
     `synchronized=True` under `tf.distribute` or `torch.distributed`
-    (`replica_context`), each pass is reduced across replicas, so every
-    replica gets the statistics of the global batch.
+    (`_replicas.replica_context`), each pass is reduced across replicas,
+    so every replica gets the statistics of the global batch.
 
     Args:
         x: Tensor, already in `statistics_dtype`.
@@ -157,7 +68,7 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
         `(mean, variance, count)`, each with `keepdims=True`; `count` is a
         scalar when there is no mask.
     """
-    ctx = replica_context() if synchronized else None
+    ctx = _replicas.replica_context() if synchronized else None
     if mask is None and ctx is None:
         # Sums over the count, not `ops.mean`: Keras 3.15's torch `mean`
         # accumulates float64 in float32.
@@ -184,7 +95,7 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
             ops.broadcast_to(mask, ops.shape(x)), axis=axes, keepdims=True
         )
     if ctx is not None:
-        total, count = cross_replica_sum([total, count])
+        total, count = _replicas.cross_replica_sum([total, count])
     safe_count = at_least(count, 1.0)
     mean = total / safe_count
 
@@ -193,7 +104,7 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
         deviation = deviation * mask
     squares = ops.sum(deviation, axis=axes, keepdims=True)
     if ctx is not None:
-        (squares,) = cross_replica_sum([squares])
+        (squares,) = _replicas.cross_replica_sum([squares])
     variance = at_least(squares / safe_count, 0.0)
     return mean, variance, count
 
@@ -269,7 +180,7 @@ def combine_ghosts(mean, variance, count, synchronized=False):
         ops.sum(valid, axis=0),
     ]
     if synchronized:
-        sums = cross_replica_sum(sums)
+        sums = _replicas.cross_replica_sum(sums)
     mean_sum, variance_sum, valid = sums
     safe = at_least(valid, 1.0)
     return mean_sum / safe, variance_sum / safe, valid

@@ -15,6 +15,8 @@ with another path.
 import contextlib
 from unittest import mock
 
+import keras
+
 from keras_bn import _dispatch
 
 # The layer arguments that force each path.
@@ -27,6 +29,21 @@ KWARGS = {
     # Chosen by `fused=None` for few channels when oneDNN is off.
     _dispatch.WIDE: {},
 }
+
+
+def available_paths():
+    """The paths a float32 training call can take here, forced or not.
+
+    On TensorFlow `"ops"`, `"fused"` and `"xla"`, and `"wide"` on a CPU;
+    on torch `"ops"` and `"torch"`; on JAX `"ops"` alone.
+    """
+    name = keras.backend.backend()
+    if name == "tensorflow":
+        wide = (_dispatch.WIDE,) if _dispatch.device() == "cpu" else ()
+        return (_dispatch.OPS, _dispatch.FUSED, _dispatch.XLA) + wide
+    if name == "torch":
+        return (_dispatch.OPS, _dispatch.TORCH)
+    return (_dispatch.OPS,)
 
 
 @contextlib.contextmanager
@@ -46,7 +63,7 @@ def per_path(grid):
     return tuple(
         (f"{name}_{path}", path, *params)
         for name, *params in grid
-        for path in _dispatch.available_paths()
+        for path in available_paths()
     )
 
 
@@ -98,7 +115,7 @@ def check_every_path_ran(testcase, ran):
     """Fails when a path that can run here ran in none of the grid tests."""
     if not ran:
         testcase.skipTest("no per-path grid test ran in this process")
-    missing = set(_dispatch.available_paths()) - ran
+    missing = set(available_paths()) - ran
     testcase.assertFalse(
         missing,
         f"paths available on this machine that no reference test ran: "

@@ -160,7 +160,7 @@ def _core_steps(kind, mode, dtype):
 
 
 def _grid():
-    forced = _dispatch.available_paths()
+    forced = paths.available_paths()
     return tuple(
         (f"{path}_{kind}_{mode}", path, kind, mode)
         for path in (AUTO,) + forced
