@@ -20,6 +20,7 @@ import numpy as np
 from keras import backend
 from keras import ops
 
+from keras_bn import _backend_ops
 from keras_bn import _replicas
 
 
@@ -77,7 +78,9 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
             count = count * positions
         mean = _column_sums(x, axes, positions) / count
         spread_mean = ops.stop_gradient(spread_positions(mean, positions))
-        squares = _column_sums(ops.square(x - spread_mean), axes, positions)
+        squares = fold_positions(
+            squared_deviations(x, spread_mean, None, axes), positions
+        )
         return mean, at_least(squares / count, 0.0), count
     if positions != 1:
         raise ValueError(
@@ -99,14 +102,21 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
     safe_count = at_least(count, 1.0)
     mean = total / safe_count
 
-    deviation = ops.square(x - ops.stop_gradient(mean))
-    if mask is not None:
-        deviation = deviation * mask
-    squares = ops.sum(deviation, axis=axes, keepdims=True)
+    squares = squared_deviations(x, ops.stop_gradient(mean), mask, axes)
     if ctx is not None:
         (squares,) = _replicas.cross_replica_sum([squares])
     variance = at_least(squares / safe_count, 0.0)
     return mean, variance, count
+
+
+def squared_deviations(x, mean, mask, axes):
+    """`sum(mask * (x - mean)**2)` over `axes`, `keepdims=True`; `mean` is
+    a constant to the gradient (the statistics' own share of it is
+    zero)."""
+    deviation = _backend_ops.squared_difference(x, mean)
+    if mask is not None:
+        deviation = deviation * mask
+    return ops.sum(deviation, axis=axes, keepdims=True)
 
 
 def ghost_split(x, mask, virtual_batch_size):

@@ -18,6 +18,7 @@ RUN = REPO / "benchmarks" / "run.py"
 PROFILE = REPO / "benchmarks" / "profile.py"
 JAX_STEP = REPO / "benchmarks" / "jax_step.py"
 FIRST_STEP = REPO / "benchmarks" / "first_step.py"
+MODELS = REPO / "benchmarks" / "models.py"
 BACKENDS = REPO / "benchmarks" / "backends.py"
 XLA_KERNELS = REPO / "benchmarks" / "xla_kernels.py"
 POLICIES = ("float32", "mixed_float16")
@@ -249,6 +250,35 @@ class ScriptTablesTest(parameterized.TestCase):
                 self.assertTrue(positive_finite(float(value)), name)
 
     @pytest.mark.slow
+    def test_models_reports_every_measure(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        result = test_case.run_script(
+            MODELS, "--models", "MobileNetV2", "--repeats", "1", "--steps",
+            "1", "--batch-size", "2", "--image-size", "32", "--out",
+            tmp.name, timeout=600,
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        rows = table_rows(result.stdout)
+        self.assertEqual([row[1] for row in rows], [
+            "first train_on_batch s", "training step s",
+            "peak memory growth MB",
+        ])
+        report = json.loads(pathlib.Path(tmp.name, "results.json").read_text())
+        medians = report["medians"]["MobileNetV2"]
+        for (_, name, core, ours, ratio), key in zip(
+            rows, ("first", "step")
+        ):
+            for value in (core, ours):
+                self.assertTrue(positive_finite(float(value)), name)
+            self.assertAlmostEqual(
+                float(ratio),
+                medians["keras_bn"][key] / medians["core"][key], places=2,
+            )
+        # A tiny model's training may fit in memory the process had.
+        self.assertGreaterEqual(float(rows[2][2]), 0.0)
+
+    @pytest.mark.slow
     def test_xla_kernels_reports_both_layers(self):
         result = test_case.run_script(
             XLA_KERNELS, "--shape", "4,3,2", "--units", "3", "--calls", "1",
@@ -282,6 +312,9 @@ class ScriptTablesTest(parameterized.TestCase):
         ("zero_threads", BACKENDS, ["--threads", "0"], "Received: '0'"),
         ("zero_calls", XLA_KERNELS, ["--calls", "0"], "Received: '0'"),
         ("two_sizes", XLA_KERNELS, ["--shape", "4,3"], "Received: '4,3'"),
+        ("unknown_model", MODELS, ["--models", "ResNet"],
+         "Received: 'ResNet'"),
+        ("small_image", MODELS, ["--image-size", "16"], "Received: 16"),
     )
     def test_bad_input_is_a_one_line_error(self, script, args, received):
         result = test_case.run_script(script, *args, timeout=60)
