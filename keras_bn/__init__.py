@@ -10,6 +10,7 @@ from keras_bn.bn_lstm import BNLSTM
 from keras_bn.bn_lstm import BNLSTMCell
 from keras_bn.conversion import convert_batch_normalization
 from keras_bn.folding import fold_batch_normalization
+from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
 from keras_bn.population import recompute_statistics
 
 __version__ = "0.1.0.dev0"
@@ -17,6 +18,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "BatchNormalization",
     "BatchRenormalization",
+    "FrozenBatchNormalization",
     "BNGRU",
     "BNGRUCell",
     "BNLSTM",
