@@ -2,6 +2,7 @@
 
 from keras_bn import callbacks
 from keras_bn import schedules
+from keras_bn.adaptation import TENT
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.batch_renormalization import BatchRenormalization
 from keras_bn.bn_gru import BNGRU
@@ -28,5 +29,6 @@ __all__ = [
     "fold_batch_normalization",
     "recompute_statistics",
     "schedules",
+    "TENT",
     "__version__",
 ]
