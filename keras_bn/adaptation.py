@@ -69,8 +69,9 @@ class TENT:
 
     Args:
         model: A built Keras model whose outputs are class probabilities
-            (or logits, with `from_logits=True`) on the last axis, with at
-            least one batch normalization layer that TENT adapts.
+            (or logits, with `from_logits=True`) on the last axis, or one
+            sigmoid unit (or its logit) for two classes, with at least one
+            batch normalization layer that TENT adapts.
         optimizer: A Keras optimizer, its name or its config, for `gamma`
             and `beta`; it must be used by this TENT alone, since `reset()`
             restores its state. `None` gives `keras.optimizers.Adam(
@@ -254,9 +255,15 @@ def _entropy(outputs, from_logits=False):
     """The Shannon entropy (in nats) of each distribution on the last axis.
 
     `-sum_k p_k * log(p_k)`, in float32 at least; probabilities are clipped
-    at a tiny positive value before the logarithm.
+    at a tiny positive value before the logarithm. A last axis of size 1
+    holds the probability (or logit) of the second of two classes, as a
+    sigmoid unit does.
     """
     outputs = ops.cast(outputs, "float32")
+    if outputs.shape[-1] == 1:
+        # softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)].
+        other = ops.zeros_like(outputs) if from_logits else 1.0 - outputs
+        outputs = ops.concatenate([other, outputs], axis=-1)
     if from_logits:
         log_p = ops.log_softmax(outputs, axis=-1)
         p = ops.exp(log_p)

@@ -218,6 +218,46 @@ class TENTTest(test_case.LayerTestCase):
         first = online.predict_on_batch(x)
         self.assertFalse(np.allclose(online.predict_on_batch(x), first))
 
+    @parameterized.named_parameters(("probability", False), ("logit", True))
+    def test_one_sigmoid_unit_is_two_classes(self, from_logits):
+        """A sigmoid unit `z` adapts as softmax over the logits `[0, z]`."""
+        x = _rng(9).normal(1.0, 2.0, (8, 3)).astype("float32")
+        source = _tiny_model(keras.layers.BatchNormalization, True)
+
+        def model(units, activation):
+            model = keras.Sequential(
+                [
+                    keras.Input((3,)),
+                    keras.layers.Dense(4, name="dense_in"),
+                    keras.layers.BatchNormalization(name="bn"),
+                    keras.layers.Dense(units, activation=activation),
+                ]
+            )
+            for name in ("dense_in", "bn"):
+                model.get_layer(name).set_weights(
+                    source.get_layer(name).get_weights()
+                )
+            return model
+
+        kernel, bias = source.get_layer("dense_out").get_weights()
+        two = model(2, None)
+        two.layers[-1].set_weights(
+            [kernel[:, :2] * [0.0, 1.0], bias[:2] * [0.0, 1.0]]
+        )
+        sigmoid = model(1, None if from_logits else "sigmoid")
+        sigmoid.layers[-1].set_weights([kernel[:, 1:2], bias[1:2]])
+        for model, logits in ((two, True), (sigmoid, from_logits)):
+            keras_bn.TENT(
+                model, keras.optimizers.SGD(0.5), steps=2,
+                from_logits=logits,
+            ).predict_on_batch(x)
+        for name in ("gamma", "beta"):
+            self.assertAllClose(
+                getattr(sigmoid.get_layer("bn"), name),
+                getattr(two.get_layer("bn"), name),
+                rtol=1e-5, atol=1e-5,
+            )
+
     def test_steps_minimize_the_entropy(self):
         model = _tiny_model(keras_bn.BatchNormalization, False)
         x = _rng(6).normal(size=(16, 3)).astype("float32")
