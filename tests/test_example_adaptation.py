@@ -26,11 +26,12 @@ def test_quick_run_writes_accuracies_table_and_plot():
         )
         assert result.returncode == 0, result.stderr[-3000:]
         with open(os.path.join(tmp, "results.json")) as f:
-            accuracy = json.load(f)["accuracy"]
-        assert set(accuracy) == METHODS
-        for values in accuracy.values():
-            assert len(values) == 1
-            assert math.isfinite(values[0]) and 0.0 <= values[0] <= 1.0
+            results = json.load(f)
+        for kind in ("accuracy", "top_class_share"):
+            assert set(results[kind]) == METHODS
+            for values in results[kind].values():
+                assert len(values) == 1
+                assert math.isfinite(values[0]) and 0.0 <= values[0] <= 1.0
         table = pathlib.Path(tmp, "results.md").read_text()
         for method in METHODS:
             assert f"| {method} " in table
