@@ -1,13 +1,20 @@
 """Converting a model's core batch normalization to keras_bn layers."""
 
+import inspect
+import warnings
+
 import keras
+import numpy as np
 
 from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.batch_renormalization import BatchRenormalization
+from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
 
 _RENORM_KEYS = ("renorm", "renorm_clipping", "renorm_momentum")
+# The base layer's arguments in every layer's config.
+_BASE_ARGUMENTS = ("name", "trainable", "dtype")
 
 # Batch renormalization's statistics, from plain batch normalization's:
 # the standard deviation that gives the same inference,
@@ -67,10 +74,21 @@ def convert_batch_normalization(
     (core layers with `renorm=True` become `keras_bn.BatchRenormalization`
     with their own clipping either way).
 
+    With `layer_class=keras_bn.FrozenBatchNormalization` the conversion
+    freezes the model: every batch normalization, core Keras's and
+    keras_bn's (renormalization included), becomes a frozen layer with the
+    arguments that apply to it (`axis`, `epsilon`, `center`, `scale`, the
+    initializers, regularizers and constraints), the same `gamma`, `beta`,
+    `moving_mean` and `moving_variance`, and the same inference outputs,
+    now in training too. A `UserWarning` names the layers whose statistics
+    still hold their initial values (mean 0, variance 1 everywhere): they
+    were never trained, and frozen they would keep those values.
+
     Args:
         model: A built Sequential or Functional model.
         layer_class: The keras_bn class to use:
-            `keras_bn.BatchNormalization` or a subclass. Defaults to
+            `keras_bn.BatchNormalization`, `keras_bn.FrozenBatchNormalization`
+            or a subclass of either. Defaults to
             `keras_bn.BatchNormalization`.
         **kwargs: Arguments for every new layer, on top of those of the
             layer it replaces (for instance `virtual_batch_size=16`).
@@ -105,12 +123,16 @@ def convert_batch_normalization(
     """
     if not (
         isinstance(layer_class, type)
-        and issubclass(layer_class, BatchNormalization)
+        and issubclass(
+            layer_class, (BatchNormalization, FrozenBatchNormalization)
+        )
     ):
         raise ValueError(
-            "Argument `layer_class` must be keras_bn.BatchNormalization or "
-            f"a subclass of it. Received: layer_class={layer_class!r}"
+            "Argument `layer_class` must be keras_bn.BatchNormalization, "
+            "keras_bn.FrozenBatchNormalization or a subclass of either. "
+            f"Received: layer_class={layer_class!r}"
         )
+    freezing = issubclass(layer_class, FrozenBatchNormalization)
     if not _graph.is_graph_model(model) or not model.built:
         raise ValueError(
             "Argument `model` must be a built Sequential or Functional "
@@ -119,14 +141,18 @@ def convert_batch_normalization(
     copies = []
 
     def clone_function(layer):
-        if type(layer) is keras.layers.BatchNormalization:
+        if type(layer) is keras.layers.BatchNormalization or (
+            freezing and isinstance(layer, BatchNormalization)
+        ):
             config = layer.get_config()
-            if not layer.renorm:
+            if freezing:
+                config = _frozen_arguments(config, layer_class)
+            elif not layer.renorm:
                 # Each keras_bn class sets its own renormalization defaults.
                 for key in _RENORM_KEYS:
                     config.pop(key, None)
             target = layer_class
-            if layer.renorm and layer_class is BatchNormalization:
+            if layer_class is BatchNormalization and layer.renorm:
                 # As `BatchNormalization.from_config` does.
                 target = BatchRenormalization
             # The constructor, not `from_config`, so that a bad argument
@@ -141,7 +167,7 @@ def convert_batch_normalization(
         model, clone_function=clone_function, recursive=True
     )
     for layer, new in copies:
-        if isinstance(new, BatchNormalization):
+        if isinstance(new, (BatchNormalization, FrozenBatchNormalization)):
             # By name: the new layer may have weights of its own (such as
             # `num_batches_tracked`), which keep their initial values.
             values = {w.name: w.numpy() for w in layer.weights}
@@ -152,4 +178,45 @@ def convert_batch_normalization(
                     weight.assign(_DERIVED[weight.name](values, new.epsilon))
         else:
             _graph.copy_weights(layer, new)
+    if freezing:
+        _warn_untrained(
+            new for _, new in copies
+            if isinstance(new, FrozenBatchNormalization)
+        )
     return new_model
+
+
+def _frozen_arguments(config, layer_class):
+    """The entries of a batch normalization's `config` that `layer_class`
+    (a frozen class) takes: momentum, renormalization, ghost batches and
+    synchronization do not apply to a layer that never trains its
+    statistics."""
+    names = set(inspect.signature(layer_class.__init__).parameters)
+    return {
+        key: value for key, value in config.items()
+        if key in names or key in _BASE_ARGUMENTS
+    }
+
+
+def _warn_untrained(layers):
+    """Warns about frozen layers whose statistics are the initial ones.
+
+    Statistics of exactly zero mean and unit variance everywhere were never
+    updated: frozen, they would normalize with numbers no data gave.
+    """
+    untrained = [
+        layer.name for layer in layers
+        if not np.any(layer.moving_mean.numpy())
+        and np.all(layer.moving_variance.numpy() == 1)
+    ]
+    if untrained:
+        warnings.warn(
+            f"{len(untrained)} batch normalization layer(s) frozen with "
+            "their initial statistics (moving_mean 0, moving_variance 1 "
+            "everywhere), which no training has updated: "
+            f"{', '.join(repr(name) for name in untrained)}. Frozen, they "
+            "keep these statistics for good: freeze a trained model, or "
+            "first recompute the statistics on data "
+            "(keras_bn.recompute_statistics).",
+            stacklevel=3,
+        )

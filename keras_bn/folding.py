@@ -6,6 +6,7 @@ import numpy as np
 from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
+from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
 
 # The layers a following batch normalization can be folded into: each
 # computes `x @ kernel + bias` (or a convolution) with one output channel per
@@ -35,10 +36,11 @@ def fold_batch_normalization(model):
         bias' = (bias - moving_mean) * s + beta.
 
     Every `keras.layers.BatchNormalization` or keras_bn batch normalization
-    that directly follows a `Dense`, `Conv1D`, `Conv2D`, `Conv3D` or
-    `DepthwiseConv2D` layer is folded into it when that layer has no
-    activation, is called once and has the batch normalization as its only
-    consumer (its output is no model output either), and when the batch
+    (`keras_bn.FrozenBatchNormalization` included) that directly follows
+    a `Dense`, `Conv1D`, `Conv2D`, `Conv3D` or `DepthwiseConv2D` layer is
+    folded into it when that layer has no activation, is called once and
+    has the batch normalization as its only consumer (its output is no
+    model output either), and when the batch
     normalization normalizes that layer's channel axis only (`axis=-1`, or
     `axis=1` after `data_format="channels_first"`). All other layers are
     copied unchanged, with their weights; nested Sequential and Functional
@@ -180,7 +182,7 @@ def _functional_pairs(model):
 
 
 def _is_batch_normalization(layer):
-    if isinstance(layer, BatchNormalization):
+    if isinstance(layer, (BatchNormalization, FrozenBatchNormalization)):
         return True
     return type(layer) is keras.layers.BatchNormalization and not (
         layer.renorm

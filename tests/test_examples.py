@@ -75,6 +75,22 @@ BAD_ARGUMENTS = (
     ("fine_tuning", "--fine-tune-epochs", "0"),
     ("fine_tuning", "--fine-tune-batch-size", "0"),
     ("fine_tuning", "--fine-tune-learning-rate", "-0.001"),
+    ("adaptation", "--seed", "-1"),
+    ("adaptation", "--seeds", "0"),
+    ("adaptation", "--train-size", "1.5"),
+    ("adaptation", "--epochs", "0"),
+    ("adaptation", "--labelled", "-100"),
+    ("adaptation", "--batch-size", "0"),
+    ("adaptation", "--tent-steps", "0"),
+    ("adaptation", "--long-tent-steps", "many"),
+    ("adaptation", "--fine-tune-epochs", "0"),
+    ("adaptation", "--fine-tune-batch-size", "0"),
+    ("adaptation", "--tent-learning-rate", "nan"),
+    ("adaptation", "--long-tent-learning-rate", "0"),
+    ("adaptation", "--fine-tune-learning-rate", "-0.001"),
+    ("adaptation", "--contrast", "inf"),
+    ("adaptation", "--brightness", "-0.1"),
+    ("adaptation", "--noise", "loud"),
     ("stock_series", "--window", "0"),
     ("stock_series", "--units", "-16"),
     ("stock_series", "--epochs", "0"),
@@ -150,7 +166,7 @@ class BadArgumentsTest(parameterized.TestCase):
     def test_grid_covers_every_numeric_option(self):
         # An option added later without an entry above fails here.
         for name in ("quickstart", "small_batch_renorm", "fine_tuning",
-                     "stock_series"):
+                     "adaptation", "stock_series"):
             typed = {
                 action.option_strings[0]: action.type
                 for action in _parser(name)._actions
@@ -165,6 +181,7 @@ class BadArgumentsTest(parameterized.TestCase):
         ("quickstart", "quickstart", ["--epochs", "0"]),
         ("small_batch_renorm", "small_batch_renorm", ["--steps", "-5"]),
         ("fine_tuning", "fine_tuning", ["--seeds", "0"]),
+        ("adaptation", "adaptation", ["--tent-steps", "0"]),
         ("stock_series", "stock_series", ["--seeds", "0"]),
     )
     def test_script_exits_2_before_importing_tensorflow(self, name, argv):
