@@ -115,6 +115,11 @@ def _frozen_model(trainable_affine=False):
     return model
 
 
+def _named(layer, name):
+    (weight,) = [w for w in layer.weights if w.name == name]
+    return weight
+
+
 class LayerTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
         ("default", {}, (8, 4), 0, 4),
@@ -198,6 +203,31 @@ class LayerTest(test_case.LayerTestCase):
         h = test_case.to_numpy(model.get_layer("dense")(x))
         self.assertAllClose(
             model(x, training=True), _reference(h, frozen, [1]),
+            rtol=1e-5, atol=1e-5,
+        )
+
+    @test_case.needs_tensorflow("tf.distribute.MirroredStrategy")
+    def test_fit_under_mirrored_strategy(self):
+        # Each replica applies the same fixed map; gamma and beta get the
+        # replicas' summed gradients, as any trainable weight does.
+        with test_case.mirrored_strategy().scope():
+            model = _frozen_model(trainable_affine=True)
+            model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+        frozen = model.get_layer("frozen")
+        before = {w.name: test_case.to_numpy(w) for w in frozen.weights}
+        x = _rng(6).normal(2.0, 3.0, (16, 5)).astype("float32")
+        y = _rng(7).normal(size=(16, 3)).astype("float32")
+        model.fit(x, y, batch_size=8, epochs=1, verbose=0)
+        for name in ("moving_mean", "moving_variance"):
+            self.assertAllClose(
+                _named(frozen, name), before[name], atol=0, rtol=0
+            )
+        self.assertFalse(np.array_equal(
+            test_case.to_numpy(_named(frozen, "gamma")), before["gamma"]
+        ))
+        h = test_case.to_numpy(model.get_layer("dense")(x))
+        self.assertAllClose(
+            model.predict(x, verbose=0), _reference(h, frozen, [1]),
             rtol=1e-5, atol=1e-5,
         )
 
