@@ -36,8 +36,19 @@ def statistics_dtype(dtype):
     return "float64" if dtype == "float64" else "float32"
 
 
+def cast(x, dtype):
+    """`ops.cast(x, dtype)`, or `x` itself when it has that dtype already
+    (which keeps a traced graph and its gradient shorter)."""
+    if backend.standardize_dtype(x.dtype) == dtype:
+        return x
+    return ops.cast(x, dtype)
+
+
 def _element_count(x, axes):
     """Number of elements of `x` along `axes`, as a float scalar tensor."""
+    sizes = [x.shape[axis] for axis in axes]
+    if None not in sizes:
+        return ops.convert_to_tensor(float(math.prod(sizes)), dtype=x.dtype)
     shape = ops.shape(x)
     count = ops.convert_to_tensor(1.0, dtype=x.dtype)
     for axis in axes:
@@ -81,7 +92,7 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
         squares = fold_positions(
             squared_deviations(x, spread_mean, None, axes), positions
         )
-        return mean, at_least(squares / count, 0.0), count
+        return mean, nonnegative(squares / count), count
     if positions != 1:
         raise ValueError(
             "A wide view's statistics take no mask and no synchronization. "
@@ -105,7 +116,7 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
     squares = squared_deviations(x, ops.stop_gradient(mean), mask, axes)
     if ctx is not None:
         (squares,) = _replicas.cross_replica_sum([squares])
-    variance = at_least(squares / safe_count, 0.0)
+    variance = nonnegative(squares / safe_count)
     return mean, variance, count
 
 
@@ -203,13 +214,12 @@ def assign_moving_average(variable, value, decay, valid):
     their old value: an empty or all-masked batch never writes into the
     moving statistics.
     """
-    old = ops.cast(variable, value.dtype)
+    old = cast(variable.value, backend.standardize_dtype(value.dtype))
     new = old * decay + value * (1.0 - decay)
-    keep = ops.logical_or(
-        ops.logical_not(ops.greater(valid, 0)),
-        ops.logical_not(ops.isfinite(new)),
+    update = ops.logical_and(ops.greater(valid, 0), ops.isfinite(new))
+    variable.assign(
+        cast(ops.where(update, new, old), variable.dtype)
     )
-    variable.assign(ops.cast(ops.where(keep, old, new), variable.dtype))
 
 
 def bias_corrected_decay(momentum, updates):
@@ -280,13 +290,15 @@ def affine(mean, variance, epsilon, gamma=None, beta=None):
     against the others. NumPy arguments give NumPy results in their own
     precision (the folding tool works in float64).
     """
-    scale = 1.0 / _math(variance).sqrt(variance + epsilon)
+    if _math(variance) is np:
+        scale = 1.0 / np.sqrt(variance + epsilon)
+    else:
+        scale = ops.rsqrt(variance + epsilon)
     if gamma is not None:
         scale = scale * gamma
-    offset = -mean * scale
-    if beta is not None:
-        offset = offset + beta
-    return scale, offset
+    if beta is None:
+        return scale, -mean * scale
+    return scale, beta - mean * scale
 
 
 def normalize_grad(
@@ -377,7 +389,12 @@ def variance_from_stddev(stddev, epsilon):
     """Inverse of `stddev`, clamped at zero: `max(stddev**2 - epsilon, 0)`."""
     xp = _math(stddev)
     variance = xp.square(stddev) - epsilon
-    return np.maximum(variance, 0.0) if xp is np else at_least(variance, 0.0)
+    return np.maximum(variance, 0.0) if xp is np else nonnegative(variance)
+
+
+def nonnegative(x):
+    """`maximum(x, 0)` in `x`'s dtype, one op (`relu`) on every backend."""
+    return ops.relu(x)
 
 
 def at_least(x, floor):

@@ -355,7 +355,7 @@ class BatchNormalization(layers.Layer):
             outputs = ops.reshape(
                 self._to_view(x) * scale + offset, ops.shape(x)
             )
-        return ops.cast(outputs, self.compute_dtype)
+        return _statistics.cast(outputs, self.compute_dtype)
 
     def normalization_path(self, inputs, training=False, mask=None):
         """The path a call with `inputs` takes, and why.
@@ -514,7 +514,9 @@ class BatchNormalization(layers.Layer):
             return self._fused_training(inputs)
         if path.name == _dispatch.TORCH:
             return self._torch_training(inputs)
-        x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
+        x = _statistics.cast(
+            inputs, _statistics.statistics_dtype(inputs.dtype)
+        )
         batch_size = ops.shape(x)[0]
         ghosts = self.virtual_batch_size is not None
         lead = 0
@@ -702,7 +704,9 @@ class BatchNormalization(layers.Layer):
 
     def _broadcast(self, weight, dtype):
         """`weight` shaped to broadcast against the merged view."""
-        return ops.reshape(ops.cast(weight, dtype), self._broadcast_shape)
+        return ops.reshape(
+            _statistics.cast(weight, dtype), self._broadcast_shape
+        )
 
     def _view_sizes(self, x, lead=0):
         """The sizes of the merged view of `x` (see `build`).
