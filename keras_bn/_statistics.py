@@ -476,3 +476,79 @@ def at_most(x, ceiling):
 def _math(x):
     """NumPy for NumPy arrays (kept in their precision), else `keras.ops`."""
     return np if isinstance(x, (np.ndarray, np.generic)) else ops
+
+
+def step_count(count, mask):
+    """The elements behind each step's statistics of a recurrent layer,
+    flattened.
+
+    With a mask, `moments` counts every feature separately; they all count
+    the same examples.
+    """
+    if mask is not None:
+        count = count[..., :1]
+    return ops.reshape(count, (-1,))
+
+
+def no_gradient(value):
+    """The gradient a custom gradient hands back for an input that has
+    none: TensorFlow takes `None`, which saves ops in every step of a
+    loop; JAX needs zeros."""
+    if backend.backend() == "tensorflow":
+        return None
+    return ops.zeros_like(value)
+
+
+def normalize_over_batch(
+    value, mean, variance, count, mask, epsilon, gamma, beta
+):
+    """`gamma * (value - mean) / sqrt(variance + epsilon) + beta` with the
+    gradient of batch normalization over axis 0.
+
+    `mean`, `variance` and `count` are the batch statistics of `value`
+    (where `mask`, `(batch, 1)`); the gradient counts their dependence on
+    `value` in closed form, which takes fewer ops per step of a recurrent
+    loop than differentiating the statistics. `beta` may be `None`.
+    """
+    with_beta = beta is not None
+    # Every tensor the gradient reads is an argument: JAX does not let a
+    # custom gradient close over the values of the loop it runs in.
+    statistics = [mean, variance, count]
+    if mask is not None:
+        statistics.append(mask)
+
+    @ops.custom_gradient
+    def normalize(value, gamma, *rest):
+        beta = rest[0] if with_beta else None
+        mean, variance, count = rest[with_beta : with_beta + 3]
+        scale, offset = affine(mean, variance, epsilon, gamma, beta)
+
+        def grad(*args, upstream=None):
+            dy = args[0] if upstream is None else upstream
+            dx, dgamma, dbeta = normalize_grad(
+                dy, value, mean, variance, count,
+                rest[-1] if mask is not None else None, gamma, [0], epsilon,
+            )
+            grads = [dx, ops.reshape(dgamma, (-1,))]
+            if with_beta:
+                grads.append(ops.reshape(dbeta, (-1,)))
+            return tuple(grads) + tuple(no_gradient(s) for s in statistics)
+
+        return value * scale + offset, grad
+
+    betas = [beta] if with_beta else []
+    return normalize(value, gamma, *betas, *statistics)
+
+
+def normalize_step(value, gamma, beta, mask, epsilon):
+    """One step of a recurrent layer normalized over the batch (axis 0).
+
+    Returns the normalized value and the step's statistics, `(mean,
+    variance, count)` as vectors; the statistics' share of the gradient is
+    `normalize_over_batch`'s closed form.
+    """
+    mean, variance, count = moments(ops.stop_gradient(value), [0], mask)
+    normalized = normalize_over_batch(
+        value, mean, variance, count, mask, epsilon, gamma, beta
+    )
+    return normalized, (mean[0], variance[0], step_count(count, mask))

@@ -7,13 +7,13 @@ moving-statistics machinery, with the GRU's step.
 from keras import ops
 from keras import saving
 
+from keras_bn import _recurrent
+from keras_bn import _rnn
 from keras_bn import _validation
-from keras_bn.bn_lstm import _BNRecurrent
-from keras_bn.bn_lstm import _BNRecurrentCell
 
 
 @saving.register_keras_serializable(package="keras_bn")
-class BNGRUCell(_BNRecurrentCell):
+class BNGRUCell(_recurrent.RecurrentCell):
     """The weights and the recurrence of `BNGRU`.
 
     Like `keras_bn.BNLSTMCell`, this cell runs over whole sequences
@@ -99,7 +99,7 @@ class BNGRUCell(_BNRecurrentCell):
 
 
 @saving.register_keras_serializable(package="keras_bn")
-class BNGRU(_BNRecurrent):
+class BNGRU(_rnn.RecurrentLayer):
     """Gated recurrent unit with recurrent batch normalization.
 
     The recurrent batch normalization of Cooijmans et al. (2016) applied to
