@@ -5,8 +5,6 @@ core's arguments: `return_sequences`, `return_state`, `go_backwards`,
 stateful streams, masks and initial states.
 """
 
-import inspect
-
 import keras
 from keras import layers
 from keras import ops
@@ -18,39 +16,15 @@ from keras_bn import _validation
 class RecurrentLayer(layers.Layer):
     """The `keras.layers.RNN` interface around a `RecurrentCell`.
 
-    Subclasses set `cell_class` and `cell_name`. The cell's arguments are
-    written once, in the cell's `__init__`: the layer passes every keyword
-    argument the cell takes on to it, reads them back as read-only
-    properties (as `keras.layers.LSTM` does) and lists them in its config.
+    As `keras.layers.RNN` for `keras.layers.LSTM`: a subclass builds its
+    cell from its own arguments and passes it here with core's `RNN`
+    arguments. The cell's arguments are read back as read-only properties
+    (as `keras.layers.LSTM` does) and listed in the config.
     """
 
-    cell_class = None
-    cell_name = None
-    # The order in which core's layer takes its arguments after `units`,
-    # so that positional calls move over with the class name.
-    positional_arguments = ()
-
-    def __init__(self, units, *args, **kwargs):
-        if len(args) > len(self.positional_arguments):
-            raise TypeError(
-                f"{type(self).__name__} takes at most "
-                f"{len(self.positional_arguments) + 1} positional arguments "
-                f"(units, then {', '.join(self.positional_arguments)}), as "
-                f"core Keras's layer does. Received: {len(args) + 1}"
-            )
-        for name, value in zip(self.positional_arguments, args):
-            if name in kwargs:
-                raise TypeError(
-                    f"{type(self).__name__} got argument `{name}` both by "
-                    f"position and by keyword. Received: {name}={value!r} "
-                    f"and {name}={kwargs[name]!r}"
-                )
-            kwargs[name] = value
-        self._set_up(units, **kwargs)
-
-    def _set_up(
+    def __init__(
         self,
-        units,
+        cell,
         *,
         return_sequences=False,
         return_state=False,
@@ -61,14 +35,8 @@ class RecurrentLayer(layers.Layer):
         use_cudnn="auto",
         **kwargs,
     ):
-        # Keras 3's own layers accept `implementation` and ignore it.
-        kwargs.pop("implementation", None)
-        names = _cell_arguments(self.cell_class)
-        cell_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in names}
         super().__init__(**kwargs)
-        self.cell = self.cell_class(
-            units, name=self.cell_name, **cell_kwargs, **_cell_kwargs(kwargs)
-        )
+        self.cell = cell
         self.return_sequences = _validation.boolean(
             "return_sequences", return_sequences
         )
@@ -96,11 +64,97 @@ class RecurrentLayer(layers.Layer):
         # weights of the model it copies.
         self._stream = None
 
-    def __init_subclass__(cls, **kwargs):
-        super().__init_subclass__(**kwargs)
-        for name in ("units",) + _cell_arguments(cls.cell_class):
-            if not hasattr(cls, name):
-                setattr(cls, name, _cell_property(name))
+    @property
+    def units(self):
+        return self.cell.units
+
+    @property
+    def activation(self):
+        return self.cell.activation
+
+    @property
+    def recurrent_activation(self):
+        return self.cell.recurrent_activation
+
+    @property
+    def use_bias(self):
+        return self.cell.use_bias
+
+    @property
+    def kernel_initializer(self):
+        return self.cell.kernel_initializer
+
+    @property
+    def recurrent_initializer(self):
+        return self.cell.recurrent_initializer
+
+    @property
+    def bias_initializer(self):
+        return self.cell.bias_initializer
+
+    @property
+    def kernel_regularizer(self):
+        return self.cell.kernel_regularizer
+
+    @property
+    def recurrent_regularizer(self):
+        return self.cell.recurrent_regularizer
+
+    @property
+    def bias_regularizer(self):
+        return self.cell.bias_regularizer
+
+    @property
+    def kernel_constraint(self):
+        return self.cell.kernel_constraint
+
+    @property
+    def recurrent_constraint(self):
+        return self.cell.recurrent_constraint
+
+    @property
+    def bias_constraint(self):
+        return self.cell.bias_constraint
+
+    @property
+    def dropout(self):
+        return self.cell.dropout
+
+    @property
+    def recurrent_dropout(self):
+        return self.cell.recurrent_dropout
+
+    @property
+    def seed(self):
+        return self.cell.seed
+
+    @property
+    def max_timesteps(self):
+        return self.cell.max_timesteps
+
+    @property
+    def momentum(self):
+        return self.cell.momentum
+
+    @property
+    def epsilon(self):
+        return self.cell.epsilon
+
+    @property
+    def statistics(self):
+        return self.cell.statistics
+
+    @property
+    def input_gamma_initializer(self):
+        return self.cell.input_gamma_initializer
+
+    @property
+    def recurrent_gamma_initializer(self):
+        return self.cell.recurrent_gamma_initializer
+
+    @property
+    def initial_state_noise(self):
+        return self.cell.initial_state_noise
 
     @property
     def states(self):
@@ -286,32 +340,6 @@ class _Stream:
         self.index = index
 
 
-def _cell_arguments(cell_class):
-    """The names of the keyword arguments `cell_class` takes, in order."""
-    names = []
-    for klass in cell_class.__mro__:
-        if klass is layers.Layer:
-            break
-        if "__init__" not in vars(klass):
-            continue
-        for parameter in inspect.signature(klass.__init__).parameters.values():
-            if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and (
-                parameter.name not in ("self", "units")
-                and parameter.name not in names
-            ):
-                names.append(parameter.name)
-    return tuple(names)
-
-
-def _cell_property(name):
-    def getter(self):
-        return getattr(self.cell, name)
-
-    getter.__name__ = name
-    getter.__doc__ = f"The cell's `{name}` (read-only)."
-    return property(getter)
-
-
 def _check_shape(layer, name, received, expected, meaning):
     fits = len(received) == len(expected) and all(
         r is None or e is None or r == e for r, e in zip(received, expected)
@@ -321,13 +349,3 @@ def _check_shape(layer, name, received, expected, meaning):
             f"Layer '{layer}': `{name}` must have shape {expected}, the "
             f"{meaning}. Received: {name}.shape={received}"
         )
-
-
-
-def _cell_kwargs(kwargs):
-    """The base-layer arguments a layer passes on to its cell."""
-    return {
-        "dtype": kwargs.get("dtype"),
-        "trainable": kwargs.get("trainable", True),
-    }
-

@@ -249,6 +249,8 @@ class BNLSTM(_rnn.RecurrentLayer):
         recurrent_regularizer: Regularizer for `recurrent_kernel`. Defaults
             to `None`.
         bias_regularizer: Regularizer for `bias`. Defaults to `None`.
+        activity_regularizer: Regularizer for the layer's output. Defaults
+            to `None`.
         kernel_constraint: Constraint for `kernel`. Defaults to `None`.
         recurrent_constraint: Constraint for `recurrent_kernel`. Defaults to
             `None`.
@@ -259,6 +261,22 @@ class BNLSTM(_rnn.RecurrentLayer):
             dropped before `W_h` (one mask per sequence). Defaults to `0.0`.
         seed: Random seed for dropout and the initial-state noise. Defaults
             to `None`.
+        return_sequences: Whether to return every step's output, or only
+            the last. Defaults to `False`.
+        return_state: Whether to also return the final `h` and `c`.
+            Defaults to `False`.
+        go_backwards: Whether to process the sequence backwards and return
+            the reversed sequence. Defaults to `False`.
+        stateful: Whether each call continues the streams of the call
+            before (states and time index). Defaults to `False`.
+        unroll: Whether to run the steps as a Python loop (the number of
+            timesteps must be known) instead of a symbolic loop. Defaults
+            to `False`.
+        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
+            normalized recurrence, and `True` (which requires one) raises.
+            Defaults to `"auto"`.
+        zero_output_for_mask: Whether masked steps output zeros (with
+            `return_sequences=True`). Defaults to `False`.
         max_timesteps: Positive integer, the number of steps that keep
             their own moving statistics, or `None` for the number of
             timesteps of the input the layer is built on (which must then
@@ -281,26 +299,9 @@ class BNLSTM(_rnn.RecurrentLayer):
             Gaussian noise added to the initial hidden state in training.
             The paper uses 0.1 when early steps have zero variance over the
             batch (e.g. black border pixels). Defaults to `0.0`.
-        return_sequences: Whether to return every step's output, or only
-            the last. Defaults to `False`.
-        return_state: Whether to also return the final `h` and `c`.
-            Defaults to `False`.
-        go_backwards: Whether to process the sequence backwards and return
-            the reversed sequence. Defaults to `False`.
-        stateful: Whether each call continues the streams of the call
-            before (states and time index). Defaults to `False`.
-        unroll: Whether to run the steps as a Python loop (the number of
-            timesteps must be known) instead of a symbolic loop. Defaults
-            to `False`.
-        zero_output_for_mask: Whether masked steps output zeros (with
-            `return_sequences=True`). Defaults to `False`.
-        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
-            normalized recurrence, and `True` (which requires one) raises.
-            Defaults to `"auto"`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
             `implementation`, which Keras 3 ignores, is accepted and
             ignored.
-
     Call arguments:
         sequences: A 3D tensor `(batch, timesteps, features)`.
         initial_state: Optional list `[h, c]` of tensors `(batch, units)`.
@@ -327,14 +328,99 @@ class BNLSTM(_rnn.RecurrentLayer):
       (`statistics="shared"`).
     """
 
-    cell_class = BNLSTMCell
-    cell_name = "bnlstm_cell"
-    positional_arguments = (
-        "activation", "recurrent_activation", "use_bias",
-        "kernel_initializer", "recurrent_initializer", "bias_initializer",
-        "unit_forget_bias", "kernel_regularizer", "recurrent_regularizer",
-        "bias_regularizer", "activity_regularizer", "kernel_constraint",
-        "recurrent_constraint", "bias_constraint", "dropout",
-        "recurrent_dropout", "seed", "return_sequences", "return_state",
-        "go_backwards", "stateful", "unroll", "use_cudnn",
-    )
+    def __init__(
+        self,
+        units,
+        activation="tanh",
+        recurrent_activation="sigmoid",
+        use_bias=True,
+        kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal",
+        bias_initializer="zeros",
+        unit_forget_bias=True,
+        kernel_regularizer=None,
+        recurrent_regularizer=None,
+        bias_regularizer=None,
+        activity_regularizer=None,
+        kernel_constraint=None,
+        recurrent_constraint=None,
+        bias_constraint=None,
+        dropout=0.0,
+        recurrent_dropout=0.0,
+        seed=None,
+        return_sequences=False,
+        return_state=False,
+        go_backwards=False,
+        stateful=False,
+        unroll=False,
+        use_cudnn="auto",
+        *,
+        zero_output_for_mask=False,
+        max_timesteps=None,
+        momentum=0.9,
+        epsilon=1e-3,
+        statistics="per_step",
+        input_gamma_initializer=0.1,
+        recurrent_gamma_initializer=0.1,
+        cell_gamma_initializer=0.1,
+        cell_beta_initializer="zeros",
+        initial_state_noise=0.0,
+        **kwargs,
+    ):
+        # Keras 3's own layers accept `implementation` and ignore it.
+        kwargs.pop("implementation", None)
+        cell = BNLSTMCell(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            unit_forget_bias=unit_forget_bias,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            max_timesteps=max_timesteps,
+            momentum=momentum,
+            epsilon=epsilon,
+            statistics=statistics,
+            input_gamma_initializer=input_gamma_initializer,
+            recurrent_gamma_initializer=recurrent_gamma_initializer,
+            cell_gamma_initializer=cell_gamma_initializer,
+            cell_beta_initializer=cell_beta_initializer,
+            initial_state_noise=initial_state_noise,
+            name="bnlstm_cell",
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            zero_output_for_mask=zero_output_for_mask,
+            use_cudnn=use_cudnn,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+
+    @property
+    def unit_forget_bias(self):
+        return self.cell.unit_forget_bias
+
+    @property
+    def cell_gamma_initializer(self):
+        return self.cell.cell_gamma_initializer
+
+    @property
+    def cell_beta_initializer(self):
+        return self.cell.cell_beta_initializer

@@ -1054,10 +1054,39 @@ class CoreCompatibilityTest(test_case.LayerTestCase):
         for key, value in core.get_config().items():
             if key not in ("name", "use_cudnn"):
                 self.assertEqual(config[key], value, key)
-        with self.assertRaisesRegex(TypeError, "activation='relu'"):
+        # Python's own errors, as for core's layer: keras_bn's arguments
+        # are keyword-only.
+        with self.assertRaisesRegex(
+            TypeError, "multiple values for argument 'activation'"
+        ):
             cls(4, "relu", activation="tanh")
-        with self.assertRaisesRegex(TypeError, "at most"):
+        with self.assertRaisesRegex(TypeError, "positional arguments"):
             cls(*values, None)
+
+    @parameterized.named_parameters(
+        ("lstm", keras.layers.LSTM, keras_bn.BNLSTM),
+        ("gru", keras.layers.GRU, keras_bn.BNGRU),
+    )
+    def test_signature_starts_with_core(self, core_cls, cls):
+        # Core's arguments with core's defaults in core's order, then
+        # keras_bn's, keyword-only with defaults, then the base layer's
+        # `**kwargs`; every one documented.
+        def parameters(klass):
+            return list(inspect.signature(klass).parameters.values())
+
+        core = [
+            (p.name, p.default) for p in parameters(core_cls)
+            if p.kind is not p.VAR_KEYWORD
+        ]
+        ours = parameters(cls)
+        self.assertEqual([(p.name, p.default) for p in ours][: len(core)],
+                         core)
+        for p in ours[len(core) : -1]:
+            self.assertIs(p.kind, p.KEYWORD_ONLY, p.name)
+            self.assertIsNot(p.default, p.empty, p.name)
+        self.assertIs(ours[-1].kind, ours[-1].VAR_KEYWORD)
+        for p in ours[:-1]:
+            self.assertIn(f"\n        {p.name}: ", cls.__doc__, p.name)
 
     @parameterized.named_parameters(
         ("lstm", keras_bn.BNLSTM), ("gru", keras_bn.BNGRU)
