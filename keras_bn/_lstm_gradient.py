@@ -11,151 +11,221 @@ layer.
 """
 
 import functools
+from typing import Any
+from typing import NamedTuple
 
 from keras import ops
+from keras import tree
 
 from keras_bn import _scan
 from keras_bn import _statistics
 
 
-def train_lstm(inputs, states, weights, mask, recurrent_mask, epsilon,
-               unroll, compile_loops):
+class Weights(NamedTuple):
+    """The weights the loop reads, as tensors."""
+
+    recurrent_kernel: Any
+    recurrent_gamma: Any
+    cell_gamma: Any
+    cell_beta: Any
+
+
+def statistics_like(units, dtype):
+    """The statistics of one step: `"recurrent"` and `"cell"` moments."""
+
+    def moments(width):
+        zeros = ops.zeros((width,), dtype)
+        return _statistics.Moments(zeros, zeros, ops.zeros((1,), dtype))
+
+    return {"recurrent": moments(4 * units), "cell": moments(units)}
+
+
+def train_lstm(inputs, states, weights, optional, epsilon, unroll,
+               compile_loops):
     """The training recurrence of `BNLSTMCell`, with its gradient.
 
-    `inputs` is the normalized input term, time-major `(steps, batch, 4 *
-    units)`; `mask` `None` or `(steps, batch, 1)`. With `compile_loops`
-    (TensorFlow), both loops run as XLA-compiled functions called from the
-    graph. Returns the final states and `(hidden states, statistics)` as
-    the generic loop does.
+    Args:
+        inputs: The normalized input term, time-major `(steps, batch, 4 *
+            units)`.
+        states: The initial `[h, c]`.
+        weights: `Weights`.
+        optional: Dict of the optional inputs: `"mask"`, `(steps, batch,
+            1)`, and `"dropout"`, the recurrent-dropout mask.
+        epsilon: The layer's epsilon.
+        unroll: Whether to run the steps as a Python loop.
+        compile_loops: Whether both loops run as XLA-compiled functions
+            called from the graph (TensorFlow).
+
+    Returns:
+        `(last_states, hidden, statistics)` as the generic loop returns
+        them: the hidden states and the statistics of every step.
     """
-    with_mask = mask is not None
-    with_dropout = recurrent_mask is not None
-    optional = [mask] if with_mask else []
-    if with_dropout:
-        optional.append(recurrent_mask)
-    options = {
-        "epsilon": epsilon, "with_mask": with_mask,
-        "with_dropout": with_dropout, "unroll": unroll,
+    arguments = {
+        "inputs": inputs, "h": states[0], "c": states[1],
+        "weights": weights, "optional": optional,
     }
-    forward = functools.partial(_forward, **options)
-    backward = functools.partial(_backward, **options)
+    forward = functools.partial(_forward, epsilon=epsilon, unroll=unroll)
+    backward = functools.partial(_backward, epsilon=epsilon, unroll=unroll)
     if compile_loops:
         forward = _scan.xla_function(forward)
         backward = _scan.xla_function(backward)
 
+    # The one place where the arguments are flattened: a custom gradient
+    # takes and returns tensors.
     @ops.custom_gradient
-    def recurrence(*args):
-        hs, cs, c_last, phats, stats = forward(*args)
+    def recurrence(*flat):
+        args = tree.pack_sequence_as(arguments, list(flat))
+        kept = forward(args)
 
         def grad(*upstream_args, upstream=None):
             upstream = upstream_args if upstream is None else upstream
             if len(upstream) == 1:
                 # JAX hands over the outputs' gradients as one tuple.
                 upstream = upstream[0]
-            d_hs, d_c_last = upstream[0], upstream[1]
-            if d_hs is None:
-                d_hs = ops.zeros_like(hs)
+            d_hidden, d_c_last = upstream[0], upstream[1]
+            if d_hidden is None:
+                d_hidden = ops.zeros_like(kept["hidden"])
             if d_c_last is None:
-                d_c_last = ops.zeros_like(c_last)
-            grads = backward(d_hs, d_c_last, hs, cs, phats, stats, *args)
-            return tuple(grads) + tuple(
-                _statistics.no_gradient(v) for v in args[7:]
-            )
+                d_c_last = ops.zeros_like(kept["c_last"])
+            grads = backward(d_hidden, d_c_last, kept, args)
+            grads["optional"] = {
+                k: _statistics.no_gradient(v)
+                for k, v in args["optional"].items()
+            }
+            return tuple(tree.flatten(grads))
 
-        return (hs, c_last, ops.stop_gradient(stats)), grad
+        outputs = (
+            kept["hidden"], kept["c_last"],
+            ops.stop_gradient(kept["statistics"]),
+        )
+        return outputs, grad
 
-    hs, c_last, stats = recurrence(
-        inputs, states[0], states[1], weights["recurrent_kernel"],
-        weights["recurrent_gamma"], weights["cell_gamma"],
-        weights["cell_beta"], *optional,
-    )
-    return (hs[-1], c_last), (hs, stats)
+    hidden, c_last, statistics = recurrence(*tree.flatten(arguments))
+    like = statistics_like(states[0].shape[-1], inputs.dtype)
+    return (hidden[-1], c_last), hidden, _scan.unpack(like, statistics)
+
+
+def _forward(args, epsilon, unroll):
+    """The forward loop: what the backward loop reads."""
+    weights = args["weights"]
+    dropout = args["optional"].get("dropout")
+    h0, c0 = args["h"], args["c"]
+    like = statistics_like(h0.shape[-1], h0.dtype)
+
+    def step(carry, xs):
+        h, c = carry
+        m = xs.get("mask")
+        if dropout is not None:
+            h = h * dropout
+        product = ops.matmul(h, weights.recurrent_kernel)
+        recurrent = _moments(product, m)
+        phat = (product - recurrent.mean) * ops.rsqrt(
+            recurrent.variance + epsilon
+        )
+        i, f, g, o = ops.split(
+            xs["inputs"] + weights.recurrent_gamma * phat, 4, axis=-1
+        )
+        c_new = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
+        cell = _moments(c_new, m)
+        chat = (c_new - cell.mean) * ops.rsqrt(cell.variance + epsilon)
+        h_new = ops.sigmoid(o) * ops.tanh(
+            chat * weights.cell_gamma + weights.cell_beta
+        )
+        if m is not None:
+            h_new = ops.where(m > 0, h_new, carry[0])
+            c_new = ops.where(m > 0, c_new, c)
+        stats = {"recurrent": _row(recurrent), "cell": _row(cell)}
+        kept = {"hidden": h_new, "cell": c_new, "normalized": phat,
+                "statistics": _scan.pack(stats)}
+        return (h_new, c_new), kept
+
+    xs = {"inputs": args["inputs"], **_mask(args)}
+    kept_like = {"hidden": h0, "cell": c0, "normalized": args["inputs"][0],
+                 "statistics": _scan.pack(like)}
+    (_, c_last), kept = _scan.scan(step, (h0, c0), xs, kept_like, unroll)
+    return {**kept, "c_last": c_last}
 
 
 def _moments(value, mask):
     mean, variance, count = _statistics.moments(value, [0], mask)
-    return mean, variance, _statistics.step_count(count, mask)
-
-
-def _forward(x, h0, c0, kernel, gamma_h, gamma_c, beta_c, *rest, epsilon,
-             with_mask, with_dropout, unroll):
-    dropout = rest[-1] if with_dropout else None
-    units = h0.shape[-1]
-
-    def step(carry, xs):
-        h, c = carry
-        m = xs[1] if with_mask else None
-        product = ops.matmul(h if dropout is None else h * dropout, kernel)
-        mean_p, variance_p, count = _moments(product, m)
-        phat = (product - mean_p) * ops.rsqrt(variance_p + epsilon)
-        i, f, g, o = ops.split(xs[0] + gamma_h * phat, 4, axis=-1)
-        c_new = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
-        mean_c, variance_c, _ = _moments(c_new, m)
-        chat = (c_new - mean_c) * ops.rsqrt(variance_c + epsilon)
-        h_new = ops.sigmoid(o) * ops.tanh(chat * gamma_c + beta_c)
-        if m is not None:
-            h_new = ops.where(m > 0, h_new, h)
-            c_new = ops.where(m > 0, c_new, c)
-        stats = ops.concatenate(
-            [mean_p[0], variance_p[0], count, mean_c[0], variance_c[0],
-             count]
-        )
-        return (h_new, c_new), (h_new, c_new, phat, stats)
-
-    xs = (x, rest[0]) if with_mask else (x,)
-    like = (h0, c0, x[0], ops.zeros((10 * units + 2,), x.dtype))
-    (_, c_last), (hs, cs, phats, stats) = _scan.scan(
-        step, (h0, c0), xs, like, unroll
+    return _statistics.Moments(
+        mean, variance, _statistics.step_count(count, mask)
     )
-    return hs, cs, c_last, phats, stats
 
 
-def _backward(d_hs, d_c_last, hs, cs, phats, stats, x, h0, c0, kernel,
-              gamma_h, gamma_c, beta_c, *rest, epsilon, with_mask,
-              with_dropout, unroll):
-    dropout = rest[-1] if with_dropout else None
+def _row(moments):
+    """A step's moments as vectors."""
+    return _statistics.Moments(moments.mean[0], moments.variance[0],
+                               moments.count)
+
+
+def _mask(args):
+    mask = args["optional"].get("mask")
+    return {} if mask is None else {"mask": mask}
+
+
+def _backward(d_hidden, d_c_last, kept, args, epsilon, unroll):
+    """The backward loop, then the gradient of `W_h`: the gradients of
+    `args` but its optional inputs."""
+    weights = args["weights"]
+    dropout = args["optional"].get("dropout")
+    h0, c0 = args["h"], args["c"]
     units = h0.shape[-1]
-    h_prev = ops.concatenate([h0[None], hs[:-1]], axis=0)
-    c_prev = ops.concatenate([c0[None], cs[:-1]], axis=0)
     step = functools.partial(
-        _backward_step, kernel_t=ops.transpose(kernel), dropout=dropout,
-        gamma_h=gamma_h, gamma_c=gamma_c, beta_c=beta_c, epsilon=epsilon,
-        units=units, with_mask=with_mask,
+        _backward_step, weights=weights,
+        kernel_t=ops.transpose(weights.recurrent_kernel), dropout=dropout,
+        epsilon=epsilon, like=statistics_like(units, h0.dtype),
     )
-    xs = (d_hs, x, phats, cs, c_prev, stats) + (
-        (rest[0],) if with_mask else ()
-    )
-    init = (ops.zeros_like(h0), d_c_last, ops.zeros_like(gamma_h),
-            ops.zeros_like(gamma_c), ops.zeros_like(beta_c))
-    (dh0, dc0, d_gamma_h, d_gamma_c, d_beta_c), (dzs, dps) = _scan.scan(
-        step, init, xs, (x[0], x[0]), unroll, reverse=True
-    )
+    xs = {
+        "d_hidden": d_hidden, "inputs": args["inputs"],
+        "normalized": kept["normalized"], "cell": kept["cell"],
+        "cell_before": ops.concatenate([c0[None], kept["cell"][:-1]], 0),
+        "statistics": kept["statistics"], **_mask(args),
+    }
+    init = {
+        "dh": ops.zeros_like(h0), "dc": d_c_last,
+        "recurrent_gamma": ops.zeros_like(weights.recurrent_gamma),
+        "cell_gamma": ops.zeros_like(weights.cell_gamma),
+        "cell_beta": ops.zeros_like(weights.cell_beta),
+    }
+    outputs_like = {"inputs": args["inputs"][0],
+                    "product": args["inputs"][0]}
+    last, d = _scan.scan(step, init, xs, outputs_like, unroll, reverse=True)
+    h_before = ops.concatenate([h0[None], kept["hidden"][:-1]], axis=0)
     if dropout is not None:
-        h_prev = h_prev * dropout
+        h_before = h_before * dropout
     d_kernel = ops.matmul(
-        ops.transpose(ops.reshape(h_prev, (-1, units))),
-        ops.reshape(dps, (-1, 4 * units)),
+        ops.transpose(ops.reshape(h_before, (-1, units))),
+        ops.reshape(d["product"], (-1, 4 * units)),
     )
-    return dzs, dh0, dc0, d_kernel, d_gamma_h, d_gamma_c, d_beta_c
+    return {
+        "inputs": d["inputs"], "h": last["dh"], "c": last["dc"],
+        "weights": Weights(d_kernel, last["recurrent_gamma"],
+                           last["cell_gamma"], last["cell_beta"]),
+    }
 
 
-def _backward_step(carry, xs, kernel_t, dropout, gamma_h, gamma_c, beta_c,
-                   epsilon, units, with_mask):
-    dh, dc, d_gamma_h, d_gamma_c, d_beta_c = carry
-    dh_up, x_t, phat, c, c_prev, st = xs[:6]
-    m = xs[6] if with_mask else None
+def _backward_step(carry, xs, weights, kernel_t, dropout, epsilon, like):
+    """One step back: the gradients of the step's inputs, its states and
+    (summed in the carry) the gammas and beta."""
+    m = xs.get("mask")
+    stats = _scan.unpack(like, xs["statistics"])
+    phat = xs["normalized"]
     # The forward step again, from what it kept.
-    inv_p = ops.rsqrt(st[4 * units : 8 * units] + epsilon)
-    inv_c = ops.rsqrt(st[9 * units + 1 : 10 * units + 1] + epsilon)
+    inv_p = ops.rsqrt(stats["recurrent"].variance + epsilon)
+    inv_c = ops.rsqrt(stats["cell"].variance + epsilon)
     # Masked rows hold the carried `c`, not the one normalized; their
     # gradients are zero, so it does not matter.
-    chat = (c - st[8 * units + 1 : 9 * units + 1]) * inv_c
-    zi, zf, zg, zo = ops.split(x_t + gamma_h * phat, 4, axis=-1)
+    chat = (xs["cell"] - stats["cell"].mean) * inv_c
+    zi, zf, zg, zo = ops.split(
+        xs["inputs"] + weights.recurrent_gamma * phat, 4, axis=-1
+    )
     si, sf, so = ops.sigmoid(zi), ops.sigmoid(zf), ops.sigmoid(zo)
     tg = ops.tanh(zg)
-    tn = ops.tanh(chat * gamma_c + beta_c)
-    share = 1.0 / ops.maximum(st[10 * units + 1 :], 1.0)
-    dh = dh + dh_up
+    tn = ops.tanh(chat * weights.cell_gamma + weights.cell_beta)
+    share = 1.0 / ops.maximum(stats["cell"].count, 1.0)
+    dh = carry["dh"] + xs["d_hidden"]
+    dc = carry["dc"]
     if m is not None:
         share = share * m
         dh_new, dc_new = dh * m, dc * m
@@ -168,11 +238,12 @@ def _backward_step(carry, xs, kernel_t, dropout, gamma_h, gamma_c, beta_c,
     s1, s2 = ops.split(
         ops.sum(ops.concatenate([dn, dn * chat], axis=-1), axis=0), 2
     )
-    dct = gamma_c * inv_c * (dn - (s1 + chat * s2) * share) + dc_new
+    dct = weights.cell_gamma * inv_c * (dn - (s1 + chat * s2) * share)
+    dct = dct + dc_new
     dz = ops.concatenate(
         [
             dct * tg * si * (1.0 - si),
-            dct * c_prev * sf * (1.0 - sf),
+            dct * xs["cell_before"] * sf * (1.0 - sf),
             dct * si * (1.0 - tg * tg),
             dh_new * tn * so * (1.0 - so),
         ],
@@ -182,7 +253,7 @@ def _backward_step(carry, xs, kernel_t, dropout, gamma_h, gamma_c, beta_c,
     q1, q2 = ops.split(
         ops.sum(ops.concatenate([dz, dz * phat], axis=-1), axis=0), 2
     )
-    dp = gamma_h * inv_p * (dz - (q1 + phat * q2) * share)
+    dp = weights.recurrent_gamma * inv_p * (dz - (q1 + phat * q2) * share)
     dh_prev = ops.matmul(dp, kernel_t)
     if dropout is not None:
         dh_prev = dh_prev * dropout
@@ -190,6 +261,10 @@ def _backward_step(carry, xs, kernel_t, dropout, gamma_h, gamma_c, beta_c,
     if m is not None:
         dh_prev = dh_prev + (dh - dh_new)
         dc_prev = dc_prev + (dc - dc_new)
-    carry = (dh_prev, dc_prev, d_gamma_h + q2, d_gamma_c + s2,
-             d_beta_c + s1)
-    return carry, (dz, dp)
+    carry = {
+        "dh": dh_prev, "dc": dc_prev,
+        "recurrent_gamma": carry["recurrent_gamma"] + q2,
+        "cell_gamma": carry["cell_gamma"] + s2,
+        "cell_beta": carry["cell_beta"] + s1,
+    }
+    return carry, {"inputs": dz, "product": dp}

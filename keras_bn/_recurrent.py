@@ -8,7 +8,6 @@ moving statistics once after it. Subclasses add their step.
 import numbers
 
 import keras
-import numpy as np
 from keras import activations
 from keras import constraints
 from keras import initializers
@@ -204,78 +203,85 @@ class RecurrentCell(layers.Layer):
             time_major_x, mask, training, steps, first_step
         )
         states = self._initial_states(initial_state, batch, dtype, training)
-        recurrent_mask = None
+        optional = {}
+        if mask is not None:
+            optional["mask"] = mask
         if training and self.recurrent_dropout > 0:
-            recurrent_mask = self._dropout_mask(
+            optional["dropout"] = self._dropout_mask(
                 (batch, self.units), self.recurrent_dropout, x
             )
-        last, sequence = self._recurrence(
-            inputs, states, mask, recurrent_mask, training, first_step,
-            unroll,
+        last, hidden, statistics = self._recurrence(
+            inputs, states, optional, training, first_step, unroll
         )
         if training:
-            self._update_all_statistics(input_stats, sequence[1], first_step)
-        outputs = ops.transpose(sequence[0], (1, 0, 2))
+            self._update_all_statistics(input_stats, statistics, first_step)
+        outputs = ops.transpose(hidden, (1, 0, 2))
         return outputs, list(last)
 
-    def _statistics_sizes(self):
-        """Per step term: mean and variance (`size * units` each), count."""
-        sizes = []
-        for _, size in self.step_terms:
-            sizes += [size * self.units] * 2 + [1]
-        return sizes
+    def _statistics_like(self, dtype):
+        """The statistics of one step: `Moments` of vectors by term."""
+        like = {}
+        for name, size in self.step_terms:
+            zeros = ops.zeros((size * self.units,), dtype)
+            like[name] = _statistics.Moments(
+                zeros, zeros, ops.zeros((1,), dtype)
+            )
+        return like
 
-    def _recurrence(self, inputs, states, mask, recurrent_mask, training,
-                    first_step, unroll):
-        """The loop over the steps: `(last_states, (hidden, statistics))`,
-        the statistics only in training, time-major."""
+    def _recurrence(self, inputs, states, optional, training, first_step,
+                    unroll):
+        """The loop over the steps: `(last_states, hidden, statistics)`,
+        time-major, the statistics `None` in inference.
+
+        `optional` holds the optional inputs: `"mask"`, `(steps, batch,
+        1)`, and `"dropout"`, the recurrent-dropout mask.
+        """
         dtype = inputs.dtype
         # Read once, outside the loop: reading the variables in every step
         # (and accumulating their gradients there) is slower.
         weights = self._step_weights(dtype)
         if training:
             recurrence = self._train_recurrence(
-                inputs, states, weights, mask, recurrent_mask, unroll
+                inputs, states, weights, optional, unroll
             )
             if recurrence is not None:
                 return recurrence
         population = None
         if not training:
             slots = self._slots(ops.shape(inputs)[0], first_step)
-            population = [
-                tuple(
-                    ops.take(ops.cast(v, dtype), slots, axis=0)
-                    for v in self._moving_statistics(name)
+            population = {
+                name: _statistics.Population(
+                    *(ops.take(ops.cast(v, dtype), slots, axis=0)
+                      for v in self._moving_statistics(name))
                 )
                 for name, _ in self.step_terms
-            ]
+            }
+        dropout = optional.get("dropout")
 
         def step(inputs_t, states, population_t, mask_t):
             return self._step(
-                inputs_t, states, weights, population_t, mask_t,
-                recurrent_mask,
+                inputs_t, states, weights, population_t, mask_t, dropout
             )
 
-        width = sum(self._statistics_sizes()) if training else None
         return _scan.run_steps(
-            step, inputs, states, mask, population, width, unroll
+            step, inputs, states, optional.get("mask"), population,
+            self._statistics_like(dtype), unroll,
         )
 
     def _update_all_statistics(self, input_stats, step_stats, first_step):
-        """Writes a training call's statistics into the moving ones."""
+        """Writes a training call's statistics into the moving ones.
+
+        `input_stats` are the input term's `Moments`, `step_stats` those of
+        every step of each of `step_terms`, by name.
+        """
         input_first = None if self.statistics == "shared" else first_step
         valid = self._update_moving_statistics(
-            "input", *input_stats, first_step=input_first
+            "input", input_stats, first_step=input_first
         )
         self._count_updates(self.input_updates, valid)
-        sizes = self._statistics_sizes()
-        step_stats = ops.split(
-            step_stats, [int(i) for i in np.cumsum(sizes)[:-1]], axis=-1
-        )
-        for i, (name, _) in enumerate(self.step_terms):
+        for name, _ in self.step_terms:
             valid = self._update_moving_statistics(
-                name, *step_stats[3 * i : 3 * i + 3],
-                first_step=first_step,
+                name, step_stats[name], first_step=first_step
             )
         # Every step term counts the same (unmasked) examples.
         self._count_updates(self.step_updates, valid)
@@ -348,42 +354,39 @@ class RecurrentCell(layers.Layer):
             "recurrent_gamma": ops.cast(self.recurrent_gamma, dtype),
         }
 
-    def _step(self, inputs, states, weights, population, mask, recurrent_mask):
+    def _step(self, inputs, states, weights, population, mask, dropout):
         """One step: `(new_states, statistics)`.
 
         Args:
             inputs: The normalized input term of the step, biases added.
             states: List of the previous states.
             weights: `_step_weights`.
-            population: `None` in training; in inference, a `(mean,
-                variance)` pair for each of `step_terms`.
+            population: `None` in training; in inference, the
+                `Population` of each of `step_terms`, by name.
             mask: `None` or `(batch, 1)`, zero for padded examples.
-            recurrent_mask: `None` or the recurrent-dropout mask.
+            dropout: `None` or the recurrent-dropout mask.
 
         Returns:
-            The new states (before masking) and, in training, `(mean,
-            variance, count)` of each of `step_terms`, flattened.
+            The new states (before masking) and, in training, the
+            `Moments` of each of `step_terms`, by name (`None` in
+            inference).
         """
         raise NotImplementedError
 
-    def _train_recurrence(
-        self, inputs, states, weights, mask, recurrent_mask, unroll
-    ):
+    def _train_recurrence(self, inputs, states, weights, optional, unroll):
         """The training loop with a gradient of its own, or `None`.
 
         Returns `None` to run `_step` in the generic loop; a subclass may
-        return `(last_states, (hidden_states, statistics))`, both
-        time-major, the statistics as the generic loop returns them.
+        return what the generic loop returns, `(last_states, hidden,
+        statistics)`.
         """
         return None
 
-    def _recurrent_term(
-        self, states, weights, population, mask, recurrent_mask
-    ):
+    def _recurrent_term(self, states, weights, population, mask, dropout):
         """`BN(W_h h; gamma_h)` and its statistics."""
         h = states[0]
-        if recurrent_mask is not None:
-            h = h * recurrent_mask
+        if dropout is not None:
+            h = h * dropout
         product = ops.matmul(h, weights["recurrent_kernel"])
         return self._normalize_step(
             product, weights["recurrent_gamma"], None, population, mask
@@ -397,8 +400,10 @@ class RecurrentCell(layers.Layer):
             return _statistics.normalize_step(
                 value, gamma, beta, mask, self.epsilon
             )
-        scale, offset = self._scale_offset(*population, gamma, beta)
-        return value * scale + offset, ()
+        scale, offset = self._scale_offset(
+            population.mean, population.variance, gamma, beta
+        )
+        return value * scale + offset, None
 
     def _scale_offset(self, mean, variance, gamma, beta):
         """`BN(v) = v * scale + offset` for the given statistics."""
@@ -431,7 +436,7 @@ class RecurrentCell(layers.Layer):
         if training:
             axes = [1] if self.statistics == "per_step" else [0, 1]
             mean, variance, count = _statistics.moments(product, axes, mask)
-            stats = (
+            stats = _statistics.Moments(
                 ops.reshape(mean, (-1, product.shape[-1])),
                 ops.reshape(variance, (-1, product.shape[-1])),
                 ops.reshape(_statistics.step_count(count, mask), (-1, 1)),
@@ -492,12 +497,10 @@ class RecurrentCell(layers.Layer):
             ops.ones(shape, x.dtype), rate=rate, seed=self.seed_generator
         )
 
-    def _update_moving_statistics(
-        self, name, mean, variance, count, first_step=None
-    ):
+    def _update_moving_statistics(self, name, moments, first_step=None):
         """Writes one call's batch statistics into the moving statistics.
 
-        The statistics of step `t` of the call go to the row of step
+        The `Moments` of step `t` of the call go to the row of step
         `first_step + t` of the stream. Returns the number of steps behind
         each row's update, `(rows, 1)`.
         """
@@ -507,7 +510,7 @@ class RecurrentCell(layers.Layer):
         )
         rows = moving_mean.shape[0]
         mean, variance, valid = _statistics.combine_steps(
-            mean, variance, count, rows, first_step
+            moments.mean, moments.variance, moments.count, rows, first_step
         )
         decay = _statistics.bias_corrected_decay(
             self.momentum, ops.cast(ops.reshape(counter, (rows, 1)), mean.dtype)

@@ -9,6 +9,7 @@ a layer.
 
 import keras
 from keras import ops
+from keras import tree
 
 from keras_bn import _dispatch
 
@@ -17,25 +18,61 @@ def scan(step, init, xs, outputs_like, unroll=False, reverse=False):
     """Runs `step` over the leading axis of `xs`.
 
     `step(carry, xs_t)` returns the new carry and the step's outputs,
-    shaped like `outputs_like`; `init`, `xs` and `outputs_like` are tuples.
-    TensorFlow's gradient of a loop needs `maximum_iterations` under XLA,
-    which the TensorFlow `keras.ops.scan` does not set; this sets it, as
-    the TensorFlow backend's `rnn` does. With `unroll=True` the steps run
-    as a Python loop (the number of steps must be known). With
-    `reverse=True` the steps run from the last, and the outputs keep the
-    order of `xs`.
+    shaped like `outputs_like`; `init`, `xs` and `outputs_like` are
+    structures of tensors (tuples, dicts, NamedTuples), flattened here and
+    packed again for `step` and for the result. TensorFlow's gradient of a
+    loop needs `maximum_iterations` under XLA, which the TensorFlow
+    `keras.ops.scan` does not set; this sets it, as the TensorFlow
+    backend's `rnn` does. With `unroll=True` the steps run as a Python loop
+    (the number of steps must be known). With `reverse=True` the steps run
+    from the last, and the outputs keep the order of `xs`.
 
     Returns:
         `(last_carry, outputs)`, the outputs stacked over the steps.
     """
-    if unroll:
-        return _scan_unrolled(step, init, xs, reverse)
+
+    def flat_step(carry, xs_t):
+        carry, ys = step(
+            tree.pack_sequence_as(init, carry),
+            tree.pack_sequence_as(xs, xs_t),
+        )
+        return tuple(tree.flatten(carry)), tuple(tree.flatten(ys))
+
+    flat = (
+        flat_step, tuple(tree.flatten(init)), tuple(tree.flatten(xs))
+    )
     backend = keras.backend.backend()
-    if backend == "jax":
-        return _scan_jax(step, init, xs, reverse)
-    if backend == "tensorflow":
-        return _scan_tensorflow(step, init, xs, outputs_like, reverse)
-    return ops.scan(step, init, xs, reverse=reverse)
+    if unroll:
+        carry, ys = _scan_unrolled(*flat, reverse)
+    elif backend == "jax":
+        carry, ys = _scan_jax(*flat, reverse)
+    elif backend == "tensorflow":
+        carry, ys = _scan_tensorflow(
+            *flat, tuple(tree.flatten(outputs_like)), reverse
+        )
+    else:
+        carry, ys = ops.scan(*flat, reverse=reverse)
+    return (
+        tree.pack_sequence_as(init, list(carry)),
+        tree.pack_sequence_as(outputs_like, list(ys)),
+    )
+
+
+def pack(structure):
+    """The vectors (or rows of vectors) of `structure` as one tensor,
+    concatenated along the last axis (`unpack` undoes it).
+
+    A loop's statistics leave it as one output: every output of a loop
+    costs a stack of its own in the gradient.
+    """
+    return ops.concatenate(tree.flatten(structure), axis=-1)
+
+
+def unpack(like, packed):
+    """`packed` (from `pack`) split back into the structure of `like`."""
+    sizes = [v.shape[-1] for v in tree.flatten(like)]
+    ends = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+    return tree.pack_sequence_as(like, ops.split(packed, ends, axis=-1))
 
 
 def _scan_unrolled(step, init, xs, reverse):
@@ -147,46 +184,45 @@ def xla_function(function):
     return tf.function(function, jit_compile=True, autograph=False)
 
 
-def run_steps(step, inputs, states, mask, population, width, unroll):
+def run_steps(step, inputs, states, mask, population, statistics_like,
+              unroll):
     """The generic loop of a recurrent cell over time-major `inputs`.
 
     `step(inputs_t, states, population_t, mask_t)` returns the new states
-    and, in training (`population is None`), the step's statistics as a
-    list of vectors, concatenated into one of `width`. Masked examples
-    carry their states through. Returns `(last_states, (hidden,
-    statistics))`, or `(last_states, (hidden,))` in inference.
-    """
-    time_major = [inputs]
-    if mask is not None:
-        time_major.append(mask)
-    if population is not None:
-        for pair in population:
-            time_major.extend(pair)
-    pairs = 0 if population is None else len(population)
+    and, in training (`population is None`), the step's statistics, a
+    structure like `statistics_like`; `population` is `None` or a
+    structure of time-major tensors of which `step` gets each step's rows.
+    Masked examples carry their states through.
 
-    def body(carry, xs):
-        xs = list(xs)
-        inputs_t = xs.pop(0)
-        mask_t = xs.pop(0) if mask is not None else None
-        old = list(carry)
-        population_t = None
-        if population is not None:
-            population_t = [
-                tuple(xs[i : i + 2]) for i in range(0, 2 * pairs, 2)
-            ]
-        new, stats = step(inputs_t, old, population_t, mask_t)
+    Returns:
+        `(last_states, hidden, statistics)`: `hidden` time-major, and the
+        statistics of every step (`None` in inference).
+    """
+    xs = {"inputs": inputs}
+    if mask is not None:
+        xs["mask"] = mask
+    if population is not None:
+        xs["population"] = population
+
+    def body(old, xs):
+        mask_t = xs.get("mask")
+        new, stats = step(
+            xs["inputs"], list(old), xs.get("population"), mask_t
+        )
         if mask_t is not None:
             new = [ops.where(mask_t > 0, n, o) for n, o in zip(new, old)]
-        if population is not None:
-            return tuple(new), (new[0],)
-        # One output for all statistics: every output of the loop costs a
-        # stack of its own in the gradient.
-        stats = ops.stop_gradient(ops.concatenate(stats))
-        return tuple(new), (new[0], stats)
+        outputs = {"hidden": new[0]}
+        if population is None:
+            outputs["statistics"] = ops.stop_gradient(pack(stats))
+        return tuple(new), outputs
 
-    outputs_like = [states[0]]
+    outputs_like = {"hidden": states[0]}
     if population is None:
-        outputs_like.append(ops.zeros((width,), inputs.dtype))
-    return scan(
-        body, tuple(states), tuple(time_major), tuple(outputs_like), unroll
+        outputs_like["statistics"] = pack(statistics_like)
+    last, outputs = scan(
+        body, tuple(states), xs, outputs_like, unroll
     )
+    statistics = None
+    if population is None:
+        statistics = unpack(statistics_like, outputs["statistics"])
+    return last, outputs["hidden"], statistics

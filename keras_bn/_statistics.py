@@ -16,10 +16,29 @@ Conventions:
 
 import functools
 import math
+from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 from keras import backend
 from keras import ops
+
+
+class Moments(NamedTuple):
+    """The batch statistics of one normalized term: mean, biased variance
+    and the number of elements behind them (a pytree, as the recurrent
+    loops pass it)."""
+
+    mean: Any
+    variance: Any
+    count: Any
+
+
+class Population(NamedTuple):
+    """The population statistics a term is normalized with in inference."""
+
+    mean: Any
+    variance: Any
 
 
 def statistics_dtype(dtype):
@@ -543,12 +562,12 @@ def normalize_over_batch(
 def normalize_step(value, gamma, beta, mask, epsilon):
     """One step of a recurrent layer normalized over the batch (axis 0).
 
-    Returns the normalized value and the step's statistics, `(mean,
-    variance, count)` as vectors; the statistics' share of the gradient is
+    Returns the normalized value and the step's statistics, `Moments` of
+    vectors; the statistics' share of the gradient is
     `normalize_over_batch`'s closed form.
     """
     mean, variance, count = moments(ops.stop_gradient(value), [0], mask)
     normalized = normalize_over_batch(
         value, mean, variance, count, mask, epsilon, gamma, beta
     )
-    return normalized, (mean[0], variance[0], step_count(count, mask))
+    return normalized, Moments(mean[0], variance[0], step_count(count, mask))

@@ -83,10 +83,10 @@ class BNGRUCell(_recurrent.RecurrentCell):
             weights["recurrent_bias"] = ops.cast(self.bias[1], dtype)
         return weights
 
-    def _step(self, inputs, states, weights, population, mask, recurrent_mask):
+    def _step(self, inputs, states, weights, population, mask, dropout):
         recurrent, stats = self._recurrent_term(
-            states, weights, None if population is None else population[0],
-            mask, recurrent_mask,
+            states, weights, (population or {}).get("recurrent"), mask,
+            dropout,
         )
         if "recurrent_bias" in weights:
             recurrent = recurrent + weights["recurrent_bias"]
@@ -95,7 +95,8 @@ class BNGRUCell(_recurrent.RecurrentCell):
         z = self.recurrent_activation(x_z + h_z)
         r = self.recurrent_activation(x_r + h_r)
         candidate = self.activation(x_h + r * h_h)
-        return [z * states[0] + (1.0 - z) * candidate], stats
+        h = z * states[0] + (1.0 - z) * candidate
+        return [h], {"recurrent": stats}
 
 
 @saving.register_keras_serializable(package="keras_bn")

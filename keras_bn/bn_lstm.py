@@ -118,9 +118,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
             "cell_beta": ops.cast(self.cell_beta, dtype),
         }
 
-    def _train_recurrence(
-        self, inputs, states, weights, mask, recurrent_mask, unroll
-    ):
+    def _train_recurrence(self, inputs, states, weights, optional, unroll):
         # The written gradient assumes the paper's activations, and a
         # custom gradient of several outputs, which the torch backend's
         # `custom_gradient` (one output's gradient) does not take.
@@ -131,27 +129,29 @@ class BNLSTMCell(_recurrent.RecurrentCell):
         ):
             return None
         return _lstm_gradient.train_lstm(
-            inputs, states, weights, mask, recurrent_mask, self.epsilon,
-            unroll, _scan.compile_input_term(),
+            inputs, states,
+            _lstm_gradient.Weights(
+                weights["recurrent_kernel"], weights["recurrent_gamma"],
+                weights["cell_gamma"], weights["cell_beta"],
+            ),
+            optional, self.epsilon, unroll, _scan.compile_input_term(),
         )
 
-    def _step(self, inputs, states, weights, population, mask, recurrent_mask):
-        recurrent_population = cell_population = None
-        if population is not None:
-            recurrent_population, cell_population = population
+    def _step(self, inputs, states, weights, population, mask, dropout):
+        population = population or {}
         recurrent, recurrent_stats = self._recurrent_term(
-            states, weights, recurrent_population, mask, recurrent_mask
+            states, weights, population.get("recurrent"), mask, dropout
         )
         i, f, g, o = ops.split(inputs + recurrent, 4, axis=-1)
         c = self.recurrent_activation(f) * states[1] + (
             self.recurrent_activation(i) * self.activation(g)
         )
         normalized, cell_stats = self._normalize_step(
-            c, weights["cell_gamma"], weights["cell_beta"], cell_population,
-            mask,
+            c, weights["cell_gamma"], weights["cell_beta"],
+            population.get("cell"), mask,
         )
         h = self.recurrent_activation(o) * self.activation(normalized)
-        return [h, c], recurrent_stats + cell_stats
+        return [h, c], {"recurrent": recurrent_stats, "cell": cell_stats}
 
 
 @saving.register_keras_serializable(package="keras_bn")
