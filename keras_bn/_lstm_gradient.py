@@ -118,16 +118,14 @@ def _forward(args, epsilon, unroll):
         if dropout is not None:
             h = h * dropout
         product = ops.matmul(h, weights.recurrent_kernel)
-        recurrent = _moments(product, m)
-        phat = (product - recurrent.mean) * ops.rsqrt(
-            recurrent.variance + epsilon
-        )
+        recurrent = _statistics.step_moments(product, m)
+        phat, _ = _statistics.standardize(product, recurrent, epsilon)
         i, f, g, o = ops.split(
             xs["inputs"] + weights.recurrent_gamma * phat, 4, axis=-1
         )
         c_new = ops.sigmoid(f) * c + ops.sigmoid(i) * ops.tanh(g)
-        cell = _moments(c_new, m)
-        chat = (c_new - cell.mean) * ops.rsqrt(cell.variance + epsilon)
+        cell = _statistics.step_moments(c_new, m)
+        chat, _ = _statistics.standardize(c_new, cell, epsilon)
         h_new = ops.sigmoid(o) * ops.tanh(
             chat * weights.cell_gamma + weights.cell_beta
         )
@@ -144,13 +142,6 @@ def _forward(args, epsilon, unroll):
                  "statistics": _scan.pack(like)}
     (_, c_last), kept = _scan.scan(step, (h0, c0), xs, kept_like, unroll)
     return {**kept, "c_last": c_last}
-
-
-def _moments(value, mask):
-    mean, variance, count = _statistics.moments(value, [0], mask)
-    return _statistics.Moments(
-        mean, variance, _statistics.step_count(count, mask)
-    )
 
 
 def _row(moments):
@@ -210,35 +201,29 @@ def _backward_step(carry, xs, weights, kernel_t, dropout, epsilon, like):
     (summed in the carry) the gammas and beta."""
     m = xs.get("mask")
     stats = _scan.unpack(like, xs["statistics"])
+    recurrent, cell = stats["recurrent"], stats["cell"]
     phat = xs["normalized"]
-    # The forward step again, from what it kept.
-    inv_p = ops.rsqrt(stats["recurrent"].variance + epsilon)
-    inv_c = ops.rsqrt(stats["cell"].variance + epsilon)
-    # Masked rows hold the carried `c`, not the one normalized; their
-    # gradients are zero, so it does not matter.
-    chat = (xs["cell"] - stats["cell"].mean) * inv_c
+    # The forward step again, from what it kept. Masked rows hold the
+    # carried `c`, not the one normalized; their gradients are zero, so it
+    # does not matter.
+    chat, inv_c = _statistics.standardize(xs["cell"], cell, epsilon)
     zi, zf, zg, zo = ops.split(
         xs["inputs"] + weights.recurrent_gamma * phat, 4, axis=-1
     )
     si, sf, so = ops.sigmoid(zi), ops.sigmoid(zf), ops.sigmoid(zo)
     tg = ops.tanh(zg)
     tn = ops.tanh(chat * weights.cell_gamma + weights.cell_beta)
-    share = 1.0 / ops.maximum(stats["cell"].count, 1.0)
     dh = carry["dh"] + xs["d_hidden"]
     dc = carry["dc"]
     if m is not None:
-        share = share * m
         dh_new, dc_new = dh * m, dc * m
     else:
         dh_new, dc_new = dh, dc
     # Batch normalization of the cell, then the cell update.
-    dn = dh_new * so * (1.0 - tn * tn)
-    # One reduction for both sums (and below): XLA on a CPU runs each
-    # reduction as a kernel of its own.
-    s1, s2 = ops.split(
-        ops.sum(ops.concatenate([dn, dn * chat], axis=-1), axis=0), 2
+    dct, d_cell_gamma, d_cell_beta = _statistics.standardize_grad(
+        dh_new * so * (1.0 - tn * tn), chat, inv_c, cell.count, m,
+        weights.cell_gamma,
     )
-    dct = weights.cell_gamma * inv_c * (dn - (s1 + chat * s2) * share)
     dct = dct + dc_new
     dz = ops.concatenate(
         [
@@ -250,10 +235,10 @@ def _backward_step(carry, xs, weights, kernel_t, dropout, epsilon, like):
         axis=-1,
     )
     # Batch normalization of the recurrent product.
-    q1, q2 = ops.split(
-        ops.sum(ops.concatenate([dz, dz * phat], axis=-1), axis=0), 2
+    dp, d_recurrent_gamma, _ = _statistics.standardize_grad(
+        dz, phat, ops.rsqrt(recurrent.variance + epsilon), recurrent.count,
+        m, weights.recurrent_gamma,
     )
-    dp = weights.recurrent_gamma * inv_p * (dz - (q1 + phat * q2) * share)
     dh_prev = ops.matmul(dp, kernel_t)
     if dropout is not None:
         dh_prev = dh_prev * dropout
@@ -263,8 +248,8 @@ def _backward_step(carry, xs, weights, kernel_t, dropout, epsilon, like):
         dc_prev = dc_prev + (dc - dc_new)
     carry = {
         "dh": dh_prev, "dc": dc_prev,
-        "recurrent_gamma": carry["recurrent_gamma"] + q2,
-        "cell_gamma": carry["cell_gamma"] + s2,
-        "cell_beta": carry["cell_beta"] + s1,
+        "recurrent_gamma": carry["recurrent_gamma"] + d_recurrent_gamma,
+        "cell_gamma": carry["cell_gamma"] + d_cell_gamma,
+        "cell_beta": carry["cell_beta"] + d_cell_beta,
     }
     return carry, {"inputs": dz, "product": dp}

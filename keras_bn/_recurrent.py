@@ -15,6 +15,7 @@ from keras import layers
 from keras import ops
 from keras import regularizers
 
+from keras_bn import _dispatch
 from keras_bn import _scan
 from keras_bn import _statistics
 from keras_bn import _validation
@@ -32,6 +33,11 @@ class RecurrentCell(layers.Layer):
 
     num_gates = None
     step_terms = ()
+    # A subclass with a training loop of its own (`_train_written`) sets
+    # this, and takes `written_gradient` as an argument; here it is `None`,
+    # keras_bn's choice (`loop_path`).
+    has_written_gradient = False
+    written_gradient = None
 
     def __init__(
         self,
@@ -240,12 +246,10 @@ class RecurrentCell(layers.Layer):
         # Read once, outside the loop: reading the variables in every step
         # (and accumulating their gradients there) is slower.
         weights = self._step_weights(dtype)
-        if training:
-            recurrence = self._train_recurrence(
+        if training and self.loop_path().name == _dispatch.WRITTEN_LOOP:
+            return self._train_written(
                 inputs, states, weights, optional, unroll
             )
-            if recurrence is not None:
-                return recurrence
         population = None
         if not training:
             slots = self._slots(ops.shape(inputs)[0], first_step)
@@ -373,14 +377,22 @@ class RecurrentCell(layers.Layer):
         """
         raise NotImplementedError
 
-    def _train_recurrence(self, inputs, states, weights, optional, unroll):
-        """The training loop with a gradient of its own, or `None`.
+    def loop_path(self, training=True):
+        """The loop a call runs, `"written"` or `"generic"`, and why
+        (`_dispatch.choose_recurrent_loop`)."""
+        problems = _dispatch.recurrent_loop_problems(
+            keras.backend.backend(), self.has_written_gradient,
+            self.activation is activations.tanh
+            and self.recurrent_activation is activations.sigmoid,
+        )
+        return _dispatch.choose_recurrent_loop(
+            self.written_gradient, problems, training
+        )
 
-        Returns `None` to run `_step` in the generic loop; a subclass may
-        return what the generic loop returns, `(last_states, hidden,
-        statistics)`.
-        """
-        return None
+    def _train_written(self, inputs, states, weights, optional, unroll):
+        """The training loop with its gradient written out, for a subclass
+        with `has_written_gradient`; returns what `_scan.run_steps` does."""
+        raise NotImplementedError
 
     def _recurrent_term(self, states, weights, population, mask, dropout):
         """`BN(W_h h; gamma_h)` and its statistics."""
@@ -400,20 +412,10 @@ class RecurrentCell(layers.Layer):
             return _statistics.normalize_step(
                 value, gamma, beta, mask, self.epsilon
             )
-        scale, offset = self._scale_offset(
-            population.mean, population.variance, gamma, beta
+        scale, offset = _statistics.affine(
+            population.mean, population.variance, self.epsilon, gamma, beta
         )
         return value * scale + offset, None
-
-    def _scale_offset(self, mean, variance, gamma, beta):
-        """`BN(v) = v * scale + offset` for the given statistics."""
-        return _statistics.affine(
-            mean,
-            variance,
-            self.epsilon,
-            ops.cast(gamma, mean.dtype),
-            None if beta is None else ops.cast(beta, mean.dtype),
-        )
 
     def _slots(self, steps, first_step):
         """The row of the moving statistics each of `steps` steps uses."""
@@ -452,8 +454,8 @@ class RecurrentCell(layers.Layer):
             mean = ops.expand_dims(mean, 1)
             variance = ops.expand_dims(variance, 1)
             stats = None
-        scale, offset = self._scale_offset(
-            mean, variance, self.input_gamma, None
+        scale, offset = _statistics.affine(
+            mean, variance, self.epsilon, ops.cast(self.input_gamma, x.dtype)
         )
         offset = offset + self._input_bias(x.dtype)
         return product * scale + offset, stats

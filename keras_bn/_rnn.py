@@ -156,6 +156,12 @@ class RecurrentLayer(layers.Layer):
     def initial_state_noise(self):
         return self.cell.initial_state_noise
 
+    def loop_path(self, training=True):
+        """The loop a call runs and why: a `Path` whose `name` is
+        `"written"` (the gradient written out) or `"generic"` (the step
+        loop)."""
+        return self.cell.loop_path(training)
+
     @property
     def states(self):
         """The carried states (variables) of a stateful layer, or `None`."""

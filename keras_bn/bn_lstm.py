@@ -1,7 +1,5 @@
 """Recurrent batch normalization: `BNLSTMCell` and `BNLSTM`."""
 
-import keras
-from keras import activations
 from keras import initializers
 from keras import ops
 from keras import saving
@@ -56,6 +54,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
 
     num_gates = 4
     step_terms = (("recurrent", 4), ("cell", 1))
+    has_written_gradient = True
 
     def __init__(
         self,
@@ -63,6 +62,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
         unit_forget_bias=True,
         cell_gamma_initializer=0.1,
         cell_beta_initializer="zeros",
+        written_gradient=None,
         **kwargs,
     ):
         super().__init__(units, **kwargs)
@@ -73,6 +73,11 @@ class BNLSTMCell(_recurrent.RecurrentCell):
             cell_gamma_initializer
         )
         self.cell_beta_initializer = initializers.get(cell_beta_initializer)
+        self.written_gradient = _validation.boolean(
+            "written_gradient", written_gradient, allow_none=True
+        )
+        # `written_gradient=True` that cannot be honoured raises here.
+        self.loop_path()
         self.state_size = [self.units, self.units]
 
     def get_config(self):
@@ -84,6 +89,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
             "cell_beta_initializer": initializers.serialize(
                 self.cell_beta_initializer
             ),
+            "written_gradient": self.written_gradient,
         }
         return {**super().get_config(), **config}
 
@@ -118,16 +124,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
             "cell_beta": ops.cast(self.cell_beta, dtype),
         }
 
-    def _train_recurrence(self, inputs, states, weights, optional, unroll):
-        # The written gradient assumes the paper's activations, and a
-        # custom gradient of several outputs, which the torch backend's
-        # `custom_gradient` (one output's gradient) does not take.
-        if not (
-            self.activation is activations.tanh
-            and self.recurrent_activation is activations.sigmoid
-            and keras.backend.backend() in ("tensorflow", "jax")
-        ):
-            return None
+    def _train_written(self, inputs, states, weights, optional, unroll):
         return _lstm_gradient.train_lstm(
             inputs, states,
             _lstm_gradient.Weights(
@@ -299,6 +296,14 @@ class BNLSTM(_rnn.RecurrentLayer):
             Gaussian noise added to the initial hidden state in training.
             The paper uses 0.1 when early steps have zero variance over the
             batch (e.g. black border pixels). Defaults to `0.0`.
+        written_gradient: Whether training runs the loop with its
+            back-propagation through time written out, which keeps fewer
+            intermediates per step than the differentiated step loop: `None`
+            lets keras_bn choose (the written loop wherever it serves),
+            `True` requires it (a `ValueError` says why it cannot serve:
+            activations other than the paper's `tanh` and `sigmoid`, or the
+            torch backend), `False` runs the step loop. `loop_path()` names
+            the loop a call runs. Defaults to `None`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
             `implementation`, which Keras 3 ignores, is accepted and
             ignored.
@@ -343,7 +348,8 @@ class BNLSTM(_rnn.RecurrentLayer):
         zero_output_for_mask=False, max_timesteps=None, momentum=0.9,
         epsilon=1e-3, statistics="per_step", input_gamma_initializer=0.1,
         recurrent_gamma_initializer=0.1, cell_gamma_initializer=0.1,
-        cell_beta_initializer="zeros", initial_state_noise=0.0, **kwargs,
+        cell_beta_initializer="zeros", initial_state_noise=0.0,
+        written_gradient=None, **kwargs,
     ):
         # Keras 3's own layers accept `implementation` and ignore it.
         kwargs.pop("implementation", None)
@@ -374,6 +380,7 @@ class BNLSTM(_rnn.RecurrentLayer):
             cell_gamma_initializer=cell_gamma_initializer,
             cell_beta_initializer=cell_beta_initializer,
             initial_state_noise=initial_state_noise,
+            written_gradient=written_gradient,
             name="bnlstm_cell",
             dtype=kwargs.get("dtype"),
             trainable=kwargs.get("trainable", True),
@@ -402,3 +409,7 @@ class BNLSTM(_rnn.RecurrentLayer):
     @property
     def cell_beta_initializer(self):
         return self.cell.cell_beta_initializer
+
+    @property
+    def written_gradient(self):
+        return self.cell.written_gradient
