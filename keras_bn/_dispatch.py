@@ -337,6 +337,67 @@ def choose_recurrent_input(backend, device, eager, xla_compiling):
     return Path(OPS, f"TensorFlow's ops on the {device}")
 
 
+# The loops of a recurrent layer's training call: the step loop that the
+# framework differentiates (every layer, every backend), or `BNLSTM`'s loop
+# with its back-propagation through time written out.
+GENERIC_LOOP = "generic"
+WRITTEN_LOOP = "written"
+
+
+def recurrent_loop_problems(backend, has_written_gradient, paper_activations):
+    """Why a recurrent layer's written gradient cannot serve its training
+    calls (empty: it can)."""
+    problems = []
+    if not has_written_gradient:
+        problems.append("the layer has no written gradient")
+    if not paper_activations:
+        problems.append(
+            "the written gradient is that of the paper's activations, "
+            "activation='tanh' and recurrent_activation='sigmoid'"
+        )
+    if backend not in ("tensorflow", "jax"):
+        problems.append(
+            f"the {backend} backend's custom gradient takes the gradient of "
+            "one output, and the written loop has several"
+        )
+    return problems
+
+
+def choose_recurrent_loop(written_gradient, problems, training):
+    """The loop a recurrent layer's call runs, and why.
+
+    `"written"`, `BNLSTM`'s loop with its gradient written out, keeps only
+    `h`, `c`, the normalized recurrent product and the statistics of each
+    step, where the framework, differentiating the step loop, keeps every
+    intermediate of every op; `"generic"` is the step loop. As Keras's
+    `LSTM(use_cudnn=...)`: `written_gradient=None` lets keras_bn choose
+    (the written loop wherever it serves a training call), `True` requires
+    it, `False` rules it out. Inference runs the step loop.
+
+    Raises:
+        ValueError: If `written_gradient=True` and `problems` (from
+            `recurrent_loop_problems`) says why the written loop cannot
+            serve.
+    """
+    if written_gradient is False:
+        return Path(GENERIC_LOOP, "written_gradient=False")
+    if written_gradient and problems:
+        raise ValueError(
+            "Argument `written_gradient=True` asks for the loop with its "
+            "gradient written out, which cannot serve this layer: "
+            f"{'; '.join(problems)}. Use `written_gradient=None` to let "
+            "keras_bn choose. Received: written_gradient=True"
+        )
+    if not training:
+        return Path(GENERIC_LOOP, "inference has no gradient to write out")
+    if problems:
+        return Path(GENERIC_LOOP, "; ".join(problems))
+    if written_gradient:
+        return Path(WRITTEN_LOOP, "written_gradient=True")
+    return Path(WRITTEN_LOOP, "the written gradient keeps fewer "
+                "intermediates per step than the differentiated loop")
+
+
 def fused_problems(call):
     """Why TensorFlow's fused kernel cannot serve `call` (empty: it can).
 

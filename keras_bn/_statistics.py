@@ -15,10 +15,29 @@ Conventions:
 """
 
 import math
+from typing import Any
+from typing import NamedTuple
 
 import numpy as np
 from keras import backend
 from keras import ops
+from keras import tree
+
+
+class Moments(NamedTuple):
+    """A term's batch mean, biased variance and the number of elements
+    behind them: a pytree, as the recurrent loops pass them."""
+
+    mean: Any
+    variance: Any
+    count: Any
+
+
+class Population(NamedTuple):
+    """The population statistics a term is normalized with in inference."""
+
+    mean: Any
+    variance: Any
 
 from keras_bn import _backend_ops
 from keras_bn import _replicas
@@ -414,3 +433,102 @@ def at_most(x, ceiling):
 def _math(x):
     """NumPy for NumPy arrays (kept in their precision), else `keras.ops`."""
     return np if isinstance(x, (np.ndarray, np.generic)) else ops
+
+
+def step_count(count, mask):
+    """The elements behind a recurrent step's statistics, flattened (with a
+    mask `moments` counts each feature; all count the same examples)."""
+    if mask is not None:
+        count = count[..., :1]
+    return ops.reshape(count, (-1,))
+
+
+def no_gradient(value):
+    """The gradient a custom gradient hands back for an input that has
+    none: TensorFlow takes `None`, which saves ops in every step of a
+    loop; JAX needs zeros."""
+    if backend.backend() == "tensorflow":
+        return None
+    return ops.zeros_like(value)
+
+
+def step_moments(value, mask):
+    """The batch `Moments` of one step of a recurrent layer (axis 0), the
+    mean and variance `(1, features)`, the count `(1,)`."""
+    mean, variance, count = moments(value, [0], mask)
+    return Moments(mean, variance, step_count(count, mask))
+
+
+def standardize(value, step, epsilon):
+    """`(value - mean) / sqrt(variance + epsilon)` for the `Moments` of a
+    step, and `1 / sqrt(variance + epsilon)`."""
+    inv_std = ops.rsqrt(step.variance + epsilon)
+    return (value - step.mean) * inv_std, inv_std
+
+
+def standardize_grad(dy, x_hat, inv_std, count, mask, gamma):
+    """Gradient of `x_hat * gamma + beta`, `x_hat = standardize(x)` with
+    the batch's own statistics over axis 0 (the recurrent layers' steps).
+
+    The closed form, in which the statistics' share reaches only the
+    elements that counted (`mask`, `(batch, 1)`, or `None`); every output
+    depends on the statistics, so the sums run over all of them.
+
+    Returns:
+        `(dx, dgamma, dbeta)`, the last two vectors.
+    """
+    # One reduction for both sums: XLA on a CPU runs each reduction as a
+    # kernel of its own.
+    dbeta, dgamma = ops.split(
+        ops.sum(ops.concatenate([dy, dy * x_hat], axis=-1), axis=0), 2
+    )
+    share = 1.0 / at_least(count, 1.0)
+    if mask is not None:
+        share = share * mask
+    dx = gamma * inv_std * (dy - (dbeta + x_hat * dgamma) * share)
+    return dx, dgamma, dbeta
+
+
+def normalize_step(value, gamma, beta, mask, epsilon):
+    """One step of a recurrent layer normalized over the batch (axis 0),
+    `standardize(value) * gamma + beta` (as `value * scale + offset`),
+    with `standardize_grad` as its gradient (which takes fewer ops per step
+    than differentiating the statistics).
+
+    `beta` may be `None`. Returns the normalized value and the step's
+    `Moments`, as vectors.
+    """
+    step = step_moments(ops.stop_gradient(value), mask)
+    # Every tensor the gradient reads is an argument: JAX does not let a
+    # custom gradient close over the values of the loop it runs in.
+    arguments = {"value": value, "gamma": gamma, "step": step}
+    if beta is not None:
+        arguments["beta"] = beta
+    if mask is not None:
+        arguments["mask"] = mask
+
+    @ops.custom_gradient
+    def normalize(*flat):
+        args = tree.pack_sequence_as(arguments, list(flat))
+        step = args["step"]
+        scale, offset = affine(
+            step.mean, step.variance, epsilon, args["gamma"], args.get("beta")
+        )
+
+        def grad(*upstream_args, upstream=None):
+            dy = upstream_args[0] if upstream is None else upstream
+            x_hat, inv_std = standardize(args["value"], step, epsilon)
+            dx, dgamma, dbeta = standardize_grad(
+                dy, x_hat, inv_std, args["step"].count, args.get("mask"),
+                args["gamma"],
+            )
+            grads = tree.map_structure(no_gradient, args)
+            grads.update(value=dx, gamma=dgamma)
+            if "beta" in args:
+                grads["beta"] = dbeta
+            return tuple(tree.flatten(grads))
+
+        return args["value"] * scale + offset, grad
+
+    normalized = normalize(*tree.flatten(arguments))
+    return normalized, Moments(step.mean[0], step.variance[0], step.count)

@@ -7,13 +7,13 @@ moving-statistics machinery, with the GRU's step.
 from keras import ops
 from keras import saving
 
+from keras_bn import _recurrent
+from keras_bn import _rnn
 from keras_bn import _validation
-from keras_bn.bn_lstm import _BNRecurrent
-from keras_bn.bn_lstm import _BNRecurrentCell
 
 
 @saving.register_keras_serializable(package="keras_bn")
-class BNGRUCell(_BNRecurrentCell):
+class BNGRUCell(_recurrent.RecurrentCell):
     """The weights and the recurrence of `BNGRU`.
 
     Like `keras_bn.BNLSTMCell`, this cell runs over whole sequences
@@ -83,10 +83,10 @@ class BNGRUCell(_BNRecurrentCell):
             weights["recurrent_bias"] = ops.cast(self.bias[1], dtype)
         return weights
 
-    def _step(self, inputs, states, weights, population, mask, recurrent_mask):
+    def _step(self, inputs, states, weights, population, mask, dropout):
         recurrent, stats = self._recurrent_term(
-            states, weights, None if population is None else population[0],
-            mask, recurrent_mask,
+            states, weights, (population or {}).get("recurrent"), mask,
+            dropout,
         )
         if "recurrent_bias" in weights:
             recurrent = recurrent + weights["recurrent_bias"]
@@ -95,11 +95,12 @@ class BNGRUCell(_BNRecurrentCell):
         z = self.recurrent_activation(x_z + h_z)
         r = self.recurrent_activation(x_r + h_r)
         candidate = self.activation(x_h + r * h_h)
-        return [z * states[0] + (1.0 - z) * candidate], stats
+        h = z * states[0] + (1.0 - z) * candidate
+        return [h], {"recurrent": stats}
 
 
 @saving.register_keras_serializable(package="keras_bn")
-class BNGRU(_BNRecurrent):
+class BNGRU(_rnn.RecurrentLayer):
     """Gated recurrent unit with recurrent batch normalization.
 
     The recurrent batch normalization of Cooijmans et al. (2016) applied to
@@ -139,6 +140,8 @@ class BNGRU(_BNRecurrent):
         recurrent_regularizer: Regularizer for `recurrent_kernel`. Defaults
             to `None`.
         bias_regularizer: Regularizer for `bias`. Defaults to `None`.
+        activity_regularizer: Regularizer for the layer's output. Defaults
+            to `None`.
         kernel_constraint: Constraint for `kernel`. Defaults to `None`.
         recurrent_constraint: Constraint for `recurrent_kernel`. Defaults to
             `None`.
@@ -149,6 +152,23 @@ class BNGRU(_BNRecurrent):
             dropped before `W_h` (one mask per sequence). Defaults to `0.0`.
         seed: Random seed for dropout and the initial-state noise. Defaults
             to `None`.
+        return_sequences: Whether to return every step's output, or only
+            the last. Defaults to `False`.
+        return_state: Whether to also return the final `h`. Defaults to
+            `False`.
+        go_backwards: Whether to process the sequence backwards and return
+            the reversed sequence. Defaults to `False`.
+        stateful: Whether each call continues the streams of the call
+            before (states and time index; see `keras_bn.BNLSTM`). Defaults
+            to `False`.
+        unroll: Whether to run the steps as a Python loop (the number of
+            timesteps must be known). Defaults to `False`.
+        reset_after: Must be `True`, the GRU this layer computes (accepted
+            so that `keras.layers.GRU` configs load). Defaults to `True`.
+        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
+            normalized recurrence. Defaults to `"auto"`.
+        zero_output_for_mask: Whether masked steps output zeros (with
+            `return_sequences=True`). Defaults to `False`.
         max_timesteps: Positive integer, the number of steps that keep
             their own moving statistics, or `None` for the number of
             timesteps of the input the layer is built on (a built layer's
@@ -165,26 +185,8 @@ class BNGRU(_BNRecurrent):
         initial_state_noise: Non-negative float, the standard deviation of
             Gaussian noise added to the initial state in training. Defaults
             to `0.0`.
-        return_sequences: Whether to return every step's output, or only
-            the last. Defaults to `False`.
-        return_state: Whether to also return the final `h`. Defaults to
-            `False`.
-        go_backwards: Whether to process the sequence backwards and return
-            the reversed sequence. Defaults to `False`.
-        stateful: Whether each call continues the streams of the call
-            before (states and time index; see `keras_bn.BNLSTM`). Defaults
-            to `False`.
-        unroll: Whether to run the steps as a Python loop (the number of
-            timesteps must be known). Defaults to `False`.
-        zero_output_for_mask: Whether masked steps output zeros (with
-            `return_sequences=True`). Defaults to `False`.
-        reset_after: Must be `True`, the GRU this layer computes (accepted
-            so that `keras.layers.GRU` configs load). Defaults to `True`.
-        use_cudnn: `"auto"` or `False`; there is no cuDNN kernel for the
-            normalized recurrence. Defaults to `"auto"`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
             `implementation` is accepted and ignored, as in Keras 3.
-
     Call arguments:
         sequences: A 3D tensor `(batch, timesteps, features)`.
         initial_state: Optional list `[h]`, `h` of shape `(batch, units)`.
@@ -209,14 +211,65 @@ class BNGRU(_BNRecurrent):
     - [Cooijmans et al., 2016](https://arxiv.org/abs/1603.09025).
     """
 
-    cell_class = BNGRUCell
-    cell_name = "bngru_cell"
-    positional_arguments = (
-        "activation", "recurrent_activation", "use_bias",
-        "kernel_initializer", "recurrent_initializer", "bias_initializer",
-        "kernel_regularizer", "recurrent_regularizer", "bias_regularizer",
-        "activity_regularizer", "kernel_constraint", "recurrent_constraint",
-        "bias_constraint", "dropout", "recurrent_dropout", "seed",
-        "return_sequences", "return_state", "go_backwards", "stateful",
-        "unroll", "reset_after", "use_cudnn",
-    )
+    def __init__(
+        self, units, activation="tanh", recurrent_activation="sigmoid",
+        use_bias=True, kernel_initializer="glorot_uniform",
+        recurrent_initializer="orthogonal", bias_initializer="zeros",
+        kernel_regularizer=None, recurrent_regularizer=None,
+        bias_regularizer=None, activity_regularizer=None,
+        kernel_constraint=None, recurrent_constraint=None, bias_constraint=None,
+        dropout=0.0, recurrent_dropout=0.0, seed=None, return_sequences=False,
+        return_state=False, go_backwards=False, stateful=False, unroll=False,
+        reset_after=True, use_cudnn="auto",
+        *,
+        zero_output_for_mask=False, max_timesteps=None, momentum=0.9,
+        epsilon=1e-3, statistics="per_step", input_gamma_initializer=0.1,
+        recurrent_gamma_initializer=0.1, initial_state_noise=0.0, **kwargs,
+    ):
+        # Keras 3's own layers accept `implementation` and ignore it.
+        kwargs.pop("implementation", None)
+        cell = BNGRUCell(
+            units,
+            activation=activation,
+            recurrent_activation=recurrent_activation,
+            use_bias=use_bias,
+            kernel_initializer=kernel_initializer,
+            recurrent_initializer=recurrent_initializer,
+            bias_initializer=bias_initializer,
+            kernel_regularizer=kernel_regularizer,
+            recurrent_regularizer=recurrent_regularizer,
+            bias_regularizer=bias_regularizer,
+            kernel_constraint=kernel_constraint,
+            recurrent_constraint=recurrent_constraint,
+            bias_constraint=bias_constraint,
+            dropout=dropout,
+            recurrent_dropout=recurrent_dropout,
+            seed=seed,
+            reset_after=reset_after,
+            max_timesteps=max_timesteps,
+            momentum=momentum,
+            epsilon=epsilon,
+            statistics=statistics,
+            input_gamma_initializer=input_gamma_initializer,
+            recurrent_gamma_initializer=recurrent_gamma_initializer,
+            initial_state_noise=initial_state_noise,
+            name="bngru_cell",
+            dtype=kwargs.get("dtype"),
+            trainable=kwargs.get("trainable", True),
+        )
+        super().__init__(
+            cell,
+            return_sequences=return_sequences,
+            return_state=return_state,
+            go_backwards=go_backwards,
+            stateful=stateful,
+            unroll=unroll,
+            zero_output_for_mask=zero_output_for_mask,
+            use_cudnn=use_cudnn,
+            activity_regularizer=activity_regularizer,
+            **kwargs,
+        )
+
+    @property
+    def reset_after(self):
+        return self.cell.reset_after

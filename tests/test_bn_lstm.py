@@ -241,14 +241,37 @@ REFERENCE_GRID = (
 )
 
 
+# The training loops, and the `written_gradient` that forces each.
+LOOPS = {"generic": False, "written": True}
+
+
+def over_loops(grid):
+    """`grid`'s named parameters, each with every loop as a last one."""
+    return [
+        (f"{name}_{loop}", *rest, loop) for name, *rest in grid
+        for loop in LOOPS
+    ]
+
+
+def loop_argument(test, loop):
+    """The layer argument that forces `loop`; skips where it cannot run."""
+    if loop == "written" and keras.backend.backend() == "torch":
+        test.skipTest("the written gradient runs on TensorFlow and JAX")
+    return {"written_gradient": LOOPS[loop]}
+
+
 class ReferenceTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(*REFERENCE_GRID)
-    def test_training_steps_and_longer_inference(self, cfg, steps, masked):
+    @parameterized.named_parameters(*over_loops(REFERENCE_GRID))
+    def test_training_steps_and_longer_inference(
+        self, cfg, steps, masked, loop
+    ):
         rng = np.random.default_rng(3)
         batch = 8
         layer = keras_bn.BNLSTM(
-            UNITS, return_sequences=True, return_state=True, **cfg
+            UNITS, return_sequences=True, return_state=True, **cfg,
+            **loop_argument(self, loop),
         )
+        self.assertEqual(layer.loop_path().name, loop)
         layer.build((batch, steps, FEATURES))
         randomize(layer, rng)
         w = named_weights(layer)
@@ -336,10 +359,10 @@ class ReferenceTest(test_case.LayerTestCase):
 
 @requires_tf
 class GradientTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(
-        ("per_step", {}), ("shared_mask", {"statistics": "shared"})
-    )
-    def test_gradients_match_finite_differences(self, cfg):
+    @parameterized.named_parameters(*over_loops(
+        (("per_step", {}), ("shared_mask", {"statistics": "shared"}))
+    ))
+    def test_gradients_match_finite_differences(self, cfg, loop):
         import tensorflow as tf
 
         rng = np.random.default_rng(6)
@@ -348,7 +371,8 @@ class GradientTest(test_case.LayerTestCase):
         mask[:2, 3:] = False
         probe = rng.normal(size=(6, 4, UNITS))
         layer = keras_bn.BNLSTM(
-            UNITS, return_sequences=True, dtype="float64", **cfg
+            UNITS, return_sequences=True, dtype="float64", **cfg,
+            **loop_argument(self, loop),
         )
         layer.build(x.shape)
         randomize(layer, rng)
@@ -381,9 +405,8 @@ class GradientTest(test_case.LayerTestCase):
 
 
     def test_written_gradient_equals_differentiated_loop(self):
-        # With other activations than the paper's the layer differentiates
-        # its loop; with the paper's it runs the gradient written out.
-        # Both must give the same gradients of every input and weight.
+        # Both loops give the same gradients of every input and weight, and
+        # the same statistics.
         import tensorflow as tf
 
         rng = np.random.default_rng(11)
@@ -393,15 +416,11 @@ class GradientTest(test_case.LayerTestCase):
         mask[:, 4] = False
         probes = [rng.normal(size=s) for s in ((6, 5, UNITS), (6, UNITS))]
         results, weights = [], None
-        for activations in (
-            {},
-            {"activation": lambda v: keras.ops.tanh(v),
-             "recurrent_activation": lambda v: keras.ops.sigmoid(v)},
-        ):
+        for loop in LOOPS:
             layer = keras_bn.BNLSTM(
                 UNITS, return_sequences=True, return_state=True,
                 recurrent_dropout=0.3, initial_state_noise=0.1, seed=3,
-                dtype="float64", **activations,
+                dtype="float64", **loop_argument(self, loop),
             )
             layer.build(x.shape)
             if weights is None:
@@ -427,14 +446,60 @@ class GradientTest(test_case.LayerTestCase):
             self.assertAllClose(written, differentiated, atol=1e-10)
 
 
+class LoopPathTest(test_case.LayerTestCase):
+    def test_default_takes_the_written_loop_where_it_serves(self):
+        layer = keras_bn.BNLSTM(UNITS)
+        expected = "generic" if keras.backend.backend() == "torch" else (
+            "written"
+        )
+        self.assertEqual(layer.loop_path().name, expected)
+        self.assertEqual(layer.loop_path(training=False).name, "generic")
+        self.assertEqual(keras_bn.BNGRU(UNITS).loop_path().name, "generic")
+        self.assertIn(
+            "no written gradient", keras_bn.BNGRU(UNITS).loop_path().reason
+        )
+
+    def test_other_activations_take_the_generic_loop(self):
+        kwargs = {"activation": lambda v: keras.ops.tanh(v)}
+        path = keras_bn.BNLSTM(UNITS, **kwargs).loop_path()
+        self.assertEqual(path.name, "generic")
+        self.assertIn("activation='tanh'", path.reason)
+        with self.assertRaisesRegex(
+            ValueError, r"paper's activations.*Received: "
+            r"written_gradient=True",
+        ):
+            keras_bn.BNLSTM(UNITS, written_gradient=True, **kwargs)
+        path = keras_bn.BNLSTM(UNITS, written_gradient=False).loop_path()
+        self.assertEqual(str(path), "generic: written_gradient=False")
+
+    @pytest.mark.skipif(
+        keras.backend.backend() != "torch", reason="the torch backend"
+    )
+    def test_torch_refuses_the_written_loop(self):
+        with self.assertRaisesRegex(
+            ValueError, r"torch backend.*Received: written_gradient=True"
+        ):
+            keras_bn.BNLSTM(UNITS, written_gradient=True)
+
+    def test_config_round_trip(self):
+        layer = keras_bn.BNLSTM(UNITS, written_gradient=False)
+        config = layer.get_config()
+        self.assertIs(config["written_gradient"], False)
+        revived = keras_bn.BNLSTM.from_config(config)
+        self.assertIs(revived.written_gradient, False)
+        self.assertEqual(revived.get_config(), config)
+
+
 @pytest.mark.skipif(
     keras.backend.backend() != "jax", reason="uses jax.grad"
 )
 class JaxGradientTest(test_case.LayerTestCase):
     @parameterized.named_parameters(
-        ("lstm", keras_bn.BNLSTM), ("gru", keras_bn.BNGRU)
+        ("lstm_generic", keras_bn.BNLSTM, {"written_gradient": False}),
+        ("lstm_written", keras_bn.BNLSTM, {"written_gradient": True}),
+        ("gru", keras_bn.BNGRU, {}),
     )
-    def test_gradients_match_finite_differences(self, cls):
+    def test_gradients_match_finite_differences(self, cls, kwargs):
         import jax
 
         # In float32 (JAX's default): central differences over a step of
@@ -444,7 +509,7 @@ class JaxGradientTest(test_case.LayerTestCase):
         x = rng.normal(size=(6, 4, 2)).astype("float32")
         mask = np.ones((6, 4), bool)
         mask[:2, 3:] = False
-        layer = cls(UNITS, return_sequences=True)
+        layer = cls(UNITS, return_sequences=True, **kwargs)
         layer.build(x.shape)
         randomize(layer, rng)
         probe = rng.normal(size=(6, 4, UNITS)).astype("float32")
@@ -752,6 +817,8 @@ class ValidationTest(test_case.LayerTestCase):
         ("recurrent_dropout", {"recurrent_dropout": -0.1},
          "recurrent_dropout=-0.1"),
         ("noise", {"initial_state_noise": -1.0}, "initial_state_noise=-1.0"),
+        ("written_gradient", {"written_gradient": "yes"},
+         "written_gradient='yes'"),
     )
     def test_bad_arguments(self, kwargs, received):
         kwargs = {"units": UNITS, **kwargs}
@@ -885,14 +952,14 @@ class StatefulTest(test_case.LayerTestCase):
             np.testing.assert_array_equal(state, 0.0)
         self.assertAllClose(layer(x), first, atol=0, rtol=0)
 
-    @parameterized.named_parameters(
-        ("per_step", {}), ("shared_mask", {"statistics": "shared"})
-    )
-    def test_training_on_chunks_follows_the_stream(self, cfg):
+    @parameterized.named_parameters(*over_loops(
+        (("per_step", {}), ("shared_mask", {"statistics": "shared"}))
+    ))
+    def test_training_on_chunks_follows_the_stream(self, cfg, loop):
         rng = np.random.default_rng(22)
         layer = keras_bn.BNLSTM(
             UNITS, return_sequences=True, stateful=True, max_timesteps=5,
-            **cfg,
+            **cfg, **loop_argument(self, loop),
         )
         layer.build((8, None, FEATURES))
         randomize(layer, rng)
@@ -1054,10 +1121,39 @@ class CoreCompatibilityTest(test_case.LayerTestCase):
         for key, value in core.get_config().items():
             if key not in ("name", "use_cudnn"):
                 self.assertEqual(config[key], value, key)
-        with self.assertRaisesRegex(TypeError, "activation='relu'"):
+        # Python's own errors, as for core's layer: keras_bn's arguments
+        # are keyword-only.
+        with self.assertRaisesRegex(
+            TypeError, "multiple values for argument 'activation'"
+        ):
             cls(4, "relu", activation="tanh")
-        with self.assertRaisesRegex(TypeError, "at most"):
+        with self.assertRaisesRegex(TypeError, "positional arguments"):
             cls(*values, None)
+
+    @parameterized.named_parameters(
+        ("lstm", keras.layers.LSTM, keras_bn.BNLSTM),
+        ("gru", keras.layers.GRU, keras_bn.BNGRU),
+    )
+    def test_signature_starts_with_core(self, core_cls, cls):
+        # Core's arguments with core's defaults in core's order, then
+        # keras_bn's, keyword-only with defaults, then the base layer's
+        # `**kwargs`; every one documented.
+        def parameters(klass):
+            return list(inspect.signature(klass).parameters.values())
+
+        core = [
+            (p.name, p.default) for p in parameters(core_cls)
+            if p.kind is not p.VAR_KEYWORD
+        ]
+        ours = parameters(cls)
+        self.assertEqual([(p.name, p.default) for p in ours][: len(core)],
+                         core)
+        for p in ours[len(core) : -1]:
+            self.assertIs(p.kind, p.KEYWORD_ONLY, p.name)
+            self.assertIsNot(p.default, p.empty, p.name)
+        self.assertIs(ours[-1].kind, ours[-1].VAR_KEYWORD)
+        for p in ours[:-1]:
+            self.assertIn(f"\n        {p.name}: ", cls.__doc__, p.name)
 
     @parameterized.named_parameters(
         ("lstm", keras_bn.BNLSTM), ("gru", keras_bn.BNGRU)
