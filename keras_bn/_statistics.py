@@ -23,6 +23,9 @@ from keras import backend
 from keras import ops
 from keras import tree
 
+from keras_bn import _backend_ops
+from keras_bn import _replicas
+
 
 class Moments(NamedTuple):
     """A term's batch mean, biased variance and the number of elements
@@ -38,9 +41,6 @@ class Population(NamedTuple):
 
     mean: Any
     variance: Any
-
-from keras_bn import _backend_ops
-from keras_bn import _replicas
 
 
 def statistics_dtype(dtype):
