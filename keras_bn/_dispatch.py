@@ -45,7 +45,12 @@ default, read when a call is traced.
 
 import dataclasses
 import functools
+import math
 import os
+
+from keras import backend
+
+from keras_bn import _replicas
 
 OPS = "ops"
 FUSED = "fused"
@@ -217,6 +222,68 @@ def choose(call):
              "to compile"] + without_xla))
     return Path(FUSED, "; ".join(
         ["TensorFlow's kernel serves the call"] + without_xla))
+
+
+def call_facts(
+    inputs, *, masked, training, ghost, last_axis_only, adjacent_axes,
+    epsilon, synchronized, fused, xla_kernel,
+):
+    """The `Call` of a layer's call on `inputs`: the layer's configuration
+    as given, and what the backend, the device, oneDNN, XLA and the
+    replica context say."""
+    backend_name = backend.backend()
+    on_tensorflow = backend_name == "tensorflow"
+    shape = tuple(inputs.shape)
+    return Call(
+        backend=backend_name,
+        device=device() if on_tensorflow else None,
+        onednn=on_tensorflow and onednn_enabled(),
+        dtype=backend.standardize_dtype(inputs.dtype),
+        elements=None if None in shape else math.prod(shape),
+        masked=masked,
+        ghost=ghost,
+        last_axis_only=last_axis_only,
+        epsilon=epsilon,
+        synchronizing=bool(
+            training and synchronized
+            and _replicas.replica_context() is not None
+        ),
+        training=training,
+        xla_compiling=on_tensorflow and xla_compiling(),
+        fused=fused,
+        xla_kernel=xla_kernel,
+        adjacent_axes=adjacent_axes,
+        channels=shape[-1] if last_axis_only else None,
+    )
+
+
+def check_requested_kernels(
+    *, fused, xla_kernel, last_axis_only, adjacent_axes, axis,
+    virtual_batch_size, epsilon,
+):
+    """Raises the `ValueError` a layer's `fused=True` or `xla_kernel=True`
+    deserves at build time, when no call of its could take that kernel."""
+    backend_name = backend.backend()
+    if fused:
+        problems = config_problems(
+            backend_name, last_axis_only, virtual_batch_size is not None,
+            epsilon, adjacent_axes,
+        )
+        if problems:
+            raise ValueError(
+                f"Argument `fused=True` asks for {fused_kernel(backend_name)}"
+                f", which cannot serve this layer: {'; '.join(problems)}. "
+                "Use `fused=None` to let keras_bn choose. Received: "
+                f"fused=True, axis={axis!r}, "
+                f"virtual_batch_size={virtual_batch_size!r}, "
+                f"epsilon={epsilon!r}"
+            )
+    if xla_kernel and backend_name != "tensorflow":
+        raise ValueError(
+            "Argument `xla_kernel=True` asks for the XLA kernel, which runs "
+            f"on the TensorFlow backend only; the backend is {backend_name}. "
+            "Received: xla_kernel=True"
+        )
 
 
 def slow_cpu_kernel(call):

@@ -12,7 +12,7 @@ from keras import saving
 
 from keras_bn import _dispatch
 from keras_bn import _kernels
-from keras_bn import _replicas
+from keras_bn import _layout
 from keras_bn import _statistics
 from keras_bn import _torch_kernels
 from keras_bn import _validation
@@ -268,7 +268,7 @@ class BatchNormalization(layers.Layer):
         self.num_batches_tracked = None
 
     def build(self, input_shape):
-        axes = _resolve_axes(self.axis, input_shape)
+        axes = _layout.resolve_axes(self.axis, input_shape)
         if self.virtual_batch_size is not None and 0 in axes:
             raise ValueError(
                 "Ghost batches split axis 0, so it cannot be a normalized "
@@ -282,7 +282,7 @@ class BatchNormalization(layers.Layer):
         # axes, is one axis: (64, 32, 32, 64) is normalized as (65536, 64).
         # XLA compiles faster reductions for the merged view on a CPU, and
         # the numbers are the same.
-        self._view_groups = _adjacent_runs(len(input_shape), axes)
+        self._view_groups = _layout.adjacent_runs(len(input_shape), axes)
         self._broadcast_shape = tuple(
             math.prod(input_shape[a] for a in group) if normalized else 1
             for normalized, group in self._view_groups
@@ -432,63 +432,30 @@ class BatchNormalization(layers.Layer):
 
     def _check_requested_kernels(self, rank):
         """Raises at build time if a kernel asked for can never serve."""
-        backend_name = backend.backend()
-        if self.fused:
-            problems = _dispatch.config_problems(
-                backend_name,
-                self._axes == [rank - 1],
-                self.virtual_batch_size is not None,
-                self.epsilon,
-                self._adjacent_axes(),
-            )
-            if problems:
-                raise ValueError(
-                    "Argument `fused=True` asks for "
-                    f"{_dispatch.fused_kernel(backend_name)}, which cannot "
-                    "serve this layer: "
-                    f"{'; '.join(problems)}. Use `fused=None` to let "
-                    "keras_bn choose. Received: fused=True, "
-                    f"axis={self.axis!r}, "
-                    f"virtual_batch_size={self.virtual_batch_size!r}, "
-                    f"epsilon={self.epsilon!r}"
-                )
-        if self.xla_kernel and backend_name != "tensorflow":
-            raise ValueError(
-                "Argument `xla_kernel=True` asks for the XLA kernel, which "
-                f"runs on the TensorFlow backend only; the backend is "
-                f"{backend_name}. Received: xla_kernel=True"
-            )
+        _dispatch.check_requested_kernels(
+            fused=self.fused,
+            xla_kernel=self.xla_kernel,
+            last_axis_only=self._axes == [rank - 1],
+            adjacent_axes=self._adjacent_axes(),
+            axis=self.axis,
+            virtual_batch_size=self.virtual_batch_size,
+            epsilon=self.epsilon,
+        )
 
     def _call_facts(self, inputs, mask, training):
         """What `_dispatch.choose` needs to know about this call."""
-        backend_name = backend.backend()
-        on_tensorflow = backend_name == "tensorflow"
-        shape = tuple(inputs.shape)
-        return _dispatch.Call(
-            backend=backend_name,
-            device=_dispatch.device() if on_tensorflow else None,
-            onednn=on_tensorflow and _dispatch.onednn_enabled(),
-            dtype=backend.standardize_dtype(inputs.dtype),
-            elements=(
-                None if None in shape else math.prod(shape)
-            ),
+        rank = len(inputs.shape)
+        return _dispatch.call_facts(
+            inputs,
             masked=mask is not None,
-            ghost=self.virtual_batch_size is not None,
-            last_axis_only=self._axes == [len(shape) - 1],
-            epsilon=self.epsilon,
-            synchronizing=bool(
-                training
-                and self.synchronized
-                and _replicas.replica_context() is not None
-            ),
             training=training,
-            xla_compiling=on_tensorflow and _dispatch.xla_compiling(),
+            ghost=self.virtual_batch_size is not None,
+            last_axis_only=self._axes == [rank - 1],
+            adjacent_axes=self._adjacent_axes(),
+            epsilon=self.epsilon,
+            synchronized=self.synchronized,
             fused=self.fused,
             xla_kernel=self.xla_kernel,
-            adjacent_axes=self._adjacent_axes(),
-            channels=(
-                shape[-1] if self._axes == [len(shape) - 1] else None
-            ),
         )
 
     def _adjacent_axes(self):
@@ -708,111 +675,20 @@ class BatchNormalization(layers.Layer):
             _statistics.cast(weight, dtype), self._broadcast_shape
         )
 
-    def _view_sizes(self, x, lead=0):
-        """The sizes of the merged view of `x` (see `build`).
-
-        `lead` leading axes (the ghost-batch axis) are kept as they are.
-        """
-        shape = ops.shape(x)
-        sizes = list(shape[:lead])
-        for _, group in self._view_groups:
-            size = 1
-            for a in group:
-                size = size * shape[a + lead]
-            sizes.append(size)
-        return sizes
-
     def _to_view(self, x, lead=0):
-        """`x` with its runs of adjacent reduced or normalized axes merged."""
-        return ops.reshape(x, self._view_sizes(x, lead))
+        """`x` with its runs of adjacent reduced or normalized axes merged
+        (see `build`)."""
+        return _layout.to_view(x, self._view_groups, lead)
 
     def _mask_to_view(self, mask, x, lead=0):
-        """`mask` (broadcastable to `x`) in the merged view of `x`.
+        """`mask` (broadcastable to `x`) in the merged view of `x`."""
+        return _layout.mask_to_view(mask, x, self._view_groups, lead)
 
-        A run whose mask sizes are all 1, or all those of `x`, merges as
-        the input's does; otherwise (a mask broadcast along part of a run,
-        or sizes unknown when traced) the mask is broadcast to `x` first.
-        """
-        if mask is None:
-            return None
-        x_sizes = self._view_sizes(x, lead)
-        mask_shape = ops.shape(mask)
-        sizes = list(mask_shape[:lead])
-        for (_, group), x_size in zip(self._view_groups, x_sizes[lead:]):
-            dims = [mask.shape[a + lead] for a in group]
-            if len(group) == 1:
-                sizes.append(mask_shape[group[0] + lead])
-            elif all(d == 1 for d in dims):
-                sizes.append(1)
-            elif all(d is not None and d != 1 for d in dims):
-                sizes.append(x_size)
-            else:
-                mask = ops.broadcast_to(mask, ops.shape(x))
-                return ops.reshape(mask, x_sizes)
-        return ops.reshape(mask, sizes)
+    def _standardize_mask(self, mask, x):
+        """A mask of the rank of `x`, or a clear error if it cannot fit."""
+        return _layout.standardize_mask(mask, x, self.name)
 
     def _to_param_shape(self, statistic):
         if len(statistic.shape) == 0:
             return statistic
         return ops.reshape(statistic, self._param_shape)
-
-    def _standardize_mask(self, mask, x):
-        """A mask of the rank of `x`, or a clear error if it cannot fit."""
-        if mask is None:
-            return None
-        rank = len(x.shape)
-        given_shape = tuple(mask.shape)
-        if len(mask.shape) == rank - 1:
-            mask = ops.expand_dims(mask, -1)
-        if len(mask.shape) != rank or any(
-            m is not None and d is not None and m not in (1, d)
-            for m, d in zip(mask.shape, x.shape)
-        ):
-            raise ValueError(
-                f"Layer '{self.name}' received a mask that does not fit its "
-                "inputs: the mask must have the inputs' shape without the "
-                "last axis, or a shape broadcastable to the inputs. Received: "
-                f"mask.shape={given_shape}, inputs.shape="
-                f"{tuple(x.shape)}"
-            )
-        return mask
-
-
-def _adjacent_runs(rank, normalized_axes):
-    """`(normalized, axes)` for each run of adjacent axes of one kind."""
-    runs = []
-    for a in range(rank):
-        normalized = a in normalized_axes
-        if runs and runs[-1][0] == normalized:
-            runs[-1][1].append(a)
-        else:
-            runs.append((normalized, [a]))
-    return runs
-
-
-def _resolve_axes(axis, input_shape):
-    """Sorted non-negative axes; checks range, repeats and known sizes."""
-    rank = len(input_shape)
-    given = axis if isinstance(axis, list) else [axis]
-    for a in given:
-        if not -rank <= a < rank:
-            raise ValueError(
-                f"Argument `axis` is out of range for inputs of rank {rank} "
-                f"(allowed: {-rank} to {rank - 1}). Received: axis={axis!r}, "
-                f"input_shape={tuple(input_shape)}"
-            )
-    axes = sorted(a % rank for a in given)
-    if len(set(axes)) != len(axes):
-        raise ValueError(
-            f"Argument `axis` names the same axis twice for inputs of rank "
-            f"{rank}. Received: axis={axis!r}"
-        )
-    for a in axes:
-        if input_shape[a] is None:
-            raise ValueError(
-                "A normalized axis must have a known size, since the layer "
-                f"keeps statistics for each position on it. Axis {a} of "
-                f"input_shape={tuple(input_shape)} is None. Received: "
-                f"axis={axis!r}"
-            )
-    return axes

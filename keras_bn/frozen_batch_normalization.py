@@ -7,9 +7,9 @@ from keras import ops
 from keras import regularizers
 from keras import saving
 
+from keras_bn import _layout
 from keras_bn import _statistics
 from keras_bn import _validation
-from keras_bn.batch_normalization import _resolve_axes
 
 
 @saving.register_keras_serializable(package="keras_bn")
@@ -146,7 +146,7 @@ class FrozenBatchNormalization(layers.Layer):
         self.moving_variance = None
 
     def build(self, input_shape):
-        axes = _resolve_axes(self.axis, input_shape)
+        axes = _layout.resolve_axes(self.axis, input_shape)
         rank = len(input_shape)
         self._param_shape = tuple(input_shape[a] for a in axes)
         # The parameters, in the order of `axes`, broadcast against inputs
