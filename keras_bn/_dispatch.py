@@ -1,56 +1,47 @@
 """Which path a batch-normalization call runs, and why.
 
 Every batch-normalization layer of keras_bn computes the same numbers
-through one of five paths:
+through one of five paths, each a `Kernel` of functions of tensors:
 
-- `"ops"`: the layer's own `keras.ops` code (the math in `_statistics`).
-  It runs on every backend and in every configuration; the others are
-  faster ways to the same result.
-- `"fused"`: TensorFlow's fused batch-normalization kernel
-  (`FusedBatchNormV3`: cuDNN on a GPU, oneDNN or Eigen on a CPU). It
-  normalizes the last axis alone, without a mask or ghost batches, for
-  float16, bfloat16 and float32 inputs and `epsilon >= 1.001e-5`, and
-  never for training under XLA (`jit_compile`), where XLA's expansion of
-  it loses the variance of inputs with a large mean. Batch
-  renormalization calls it twice in the forward pass.
-- `"xla"`: a small XLA-compiled kernel (moments, normalization and its
-  gradient) that TensorFlow calls from an ordinary graph, for training on
-  a CPU: it serves any axes, masks and ghost batches, and float64.
-- `"wide"`: a TensorFlow kernel of ordinary ops (nothing to compile) on a
-  wider view of the input, `positions` rows of the `(rows, channels)`
-  view side by side, with the XLA kernel's closed-form gradient: for
-  training on a CPU where TensorFlow's fused kernel is slow
-  (`slow_cpu_kernel`), float32, the last axis alone with at most
-  `WIDE_MAX_CHANNELS` channels, below `WIDE_MAX_ELEMENTS` elements,
-  without a mask or ghost batches.
-- `"torch"`: PyTorch's batch-normalization kernel
-  (`torch.native_batch_norm`, in `_torch_kernels`) on the torch backend,
-  in training and inference. It normalizes one axis, or one run of
-  adjacent axes taken as one, without a mask or ghost batches, for
-  float16, bfloat16, float32 and float64 inputs.
+- `"ops"`: the `keras.ops` kernel (`_ops_kernels`), on every backend and
+  in every configuration; the others are faster ways to the same result.
+- `"fused"`: TensorFlow's fused kernel (`FusedBatchNormV3`), for the last
+  axis alone, without a mask or ghost batches, in float16, bfloat16 or
+  float32, and never for training under XLA (`jit_compile`), where XLA's
+  expansion of it loses the variance of inputs with a large mean.
+- `"xla"`: a small XLA-compiled kernel that TensorFlow calls from an
+  ordinary graph, for training on a CPU (`_kernels`).
+- `"wide"`: TensorFlow ops on a wider view of a `(rows, channels)` input
+  with few channels, for training on a CPU (`_kernels`).
+- `"torch"`: PyTorch's kernel (`_torch_kernels`) on the torch backend.
 
-`choose` is the only place that picks one. The layers call it with the
-facts of a call (`Call`); it returns a `Path` with the reason, or raises
-the `ValueError` that a request the call cannot honour deserves. The
-layers expose it as `layer.normalization_path(inputs, training, mask)`.
+`choose` is the only place that picks one, from the facts of a call
+(`Call`); it returns a `Path` with the reason, or raises the `ValueError`
+that a request the call cannot honour deserves, and `kernel` gives the
+path's `Kernel`. The layers expose it as `layer.normalization_path(inputs,
+training, mask)`; docs/performance.md lists the rules.
 
 What a layer asks for follows Keras 3's `LSTM(use_cudnn=...)`:
 `fused=None` lets keras_bn choose, `fused=True` means the backend's fused
-kernel runs, TensorFlow's on TensorFlow and PyTorch's on torch (or an error
-says why not), and `fused=False` means no kernel runs.
-`xla_kernel` does the same for the XLA kernel; when it is `None`, the
-environment variable `KERAS_BN_XLA_KERNEL` (`1` or `0`) is the process-wide
-default, read when a call is traced.
+kernel runs (or an error says why not), and `fused=False` means no kernel
+runs. `xla_kernel` does the same for the XLA kernel; when it is `None`,
+the environment variable `KERAS_BN_XLA_KERNEL` (`1` or `0`) is the
+process-wide default, read when a call is traced.
 """
 
 import dataclasses
 import functools
 import math
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 from keras import backend
 
+from keras_bn import _kernels
+from keras_bn import _ops_kernels
 from keras_bn import _replicas
+from keras_bn import _torch_kernels
 
 OPS = "ops"
 FUSED = "fused"
@@ -140,6 +131,56 @@ class Path:
 
     def __str__(self):
         return f"{self.name}: {self.reason}"
+
+
+class Kernel(NamedTuple):
+    """The functions of tensors a path runs (see `_ops_kernels` for their
+    signatures).
+
+    Attributes:
+        normalize: Batch-normalizes in training, returning
+            `_statistics.Normalized`.
+        moments: The batch's moments alone, for a scale and offset that
+            depend on them (batch renormalization), or `None` where the
+            kernel cannot give them without normalizing.
+        inference: Normalizes with given statistics.
+        corrected: Where `moments` is `None`, batch normalization with a
+            scale and offset that a function of the moments gives.
+    """
+
+    normalize: Callable
+    moments: Callable | None
+    inference: Callable
+    corrected: Callable | None = None
+
+
+def kernel(path, synchronized=False):
+    """The `Kernel` of `path`; `synchronized` reduces the statistics
+    across replicas (only the `keras.ops` kernel serves that)."""
+    if path.name == OPS:
+        return Kernel(
+            functools.partial(_ops_kernels.normalize,
+                              synchronized=synchronized),
+            functools.partial(_ops_kernels.moments,
+                              synchronized=synchronized),
+            _ops_kernels.inference,
+        )
+    if path.name == XLA:
+        return Kernel(_kernels.xla_normalize, _kernels.xla_moments,
+                      _ops_kernels.inference)
+    if path.name == WIDE:
+        return Kernel(
+            functools.partial(_kernels.wide_normalize,
+                              positions=path.positions),
+            functools.partial(_kernels.wide_moments,
+                              positions=path.positions),
+            _ops_kernels.inference,
+        )
+    if path.name == FUSED:
+        return Kernel(_kernels.fused_normalize, None,
+                      _kernels.fused_inference, _kernels.fused_corrected)
+    return Kernel(_torch_kernels.normalize, _torch_kernels.moments,
+                  _torch_kernels.inference)
 
 
 def choose(call):

@@ -6,6 +6,9 @@ adjacent normalized axes, into one axis: `(64, 32, 32, 64)` normalized on
 its last axis is worked on as `(65536, 64)`, with the same numbers.
 """
 
+from typing import Any
+from typing import NamedTuple
+
 from keras import ops
 
 
@@ -49,27 +52,24 @@ def resolve_axes(axis, input_shape):
     return axes
 
 
-def view_sizes(x, groups, lead=0):
-    """The sizes of the merged view of `x` (`groups` from `adjacent_runs`).
-
-    `lead` leading axes (the ghost-batch axis) are kept as they are.
-    """
+def view_sizes(x, groups):
+    """The sizes of the merged view of `x` (`groups` from `adjacent_runs`)."""
     shape = ops.shape(x)
-    sizes = list(shape[:lead])
+    sizes = []
     for _, group in groups:
         size = 1
         for a in group:
-            size = size * shape[a + lead]
+            size = size * shape[a]
         sizes.append(size)
     return sizes
 
 
-def to_view(x, groups, lead=0):
+def to_view(x, groups):
     """`x` with its runs of adjacent reduced or normalized axes merged."""
-    return ops.reshape(x, view_sizes(x, groups, lead))
+    return ops.reshape(x, view_sizes(x, groups))
 
 
-def mask_to_view(mask, x, groups, lead=0):
+def mask_to_view(mask, x, groups):
     """`mask` (broadcastable to `x`) in the merged view of `x`.
 
     A run whose mask sizes are all 1, or all those of `x`, merges as
@@ -78,13 +78,13 @@ def mask_to_view(mask, x, groups, lead=0):
     """
     if mask is None:
         return None
-    x_sizes = view_sizes(x, groups, lead)
+    x_sizes = view_sizes(x, groups)
     mask_shape = ops.shape(mask)
-    sizes = list(mask_shape[:lead])
-    for (_, group), x_size in zip(groups, x_sizes[lead:]):
-        dims = [mask.shape[a + lead] for a in group]
+    sizes = []
+    for (_, group), x_size in zip(groups, x_sizes):
+        dims = [mask.shape[a] for a in group]
         if len(group) == 1:
-            sizes.append(mask_shape[group[0] + lead])
+            sizes.append(mask_shape[group[0]])
         elif all(d == 1 for d in dims):
             sizes.append(1)
         elif all(d is not None and d != 1 for d in dims):
@@ -93,6 +93,72 @@ def mask_to_view(mask, x, groups, lead=0):
             mask = ops.broadcast_to(mask, ops.shape(x))
             return ops.reshape(mask, x_sizes)
     return ops.reshape(mask, sizes)
+
+
+class View(NamedTuple):
+    """A tensor in its merged view, and the way back.
+
+    Attributes:
+        x: The merged view.
+        axes: The reduced axes of the view.
+        mask: The mask in the view, or `None`.
+        groups: The runs of axes (`adjacent_runs`) of the input.
+        shape: The input's shape.
+        reduced: The reduced axes of the input.
+    """
+
+    x: Any
+    axes: list
+    mask: Any
+    groups: list
+    shape: Any
+    reduced: list
+
+    def of(self, value):
+        """A statistic or weight (`keepdims` against the input, or a
+        scalar) in the view."""
+        if len(value.shape) == 0:
+            return value
+        return to_view(value, self.groups)
+
+    def statistic(self, value):
+        """A statistic of the view (`keepdims`, or a scalar) in the
+        input's `keepdims` shape."""
+        if len(value.shape) == 0:
+            return value
+        return ops.reshape(value, kept_shape(self.shape, self.reduced))
+
+    def output(self, y):
+        """A tensor like the view, in the input's shape."""
+        return ops.reshape(y, self.shape)
+
+
+def merged_view(x, axes, mask=None):
+    """`x`, reduced over `axes`, with every run of adjacent reduced axes and
+    every run of adjacent kept axes merged into one axis (see above)."""
+    rank = len(x.shape)
+    axes = sorted(a % rank for a in axes)
+    groups = adjacent_runs(rank, [a for a in range(rank) if a not in axes])
+    return View(
+        x=to_view(x, groups),
+        axes=[i for i, (kept, _) in enumerate(groups) if not kept],
+        mask=mask_to_view(mask, x, groups),
+        groups=groups,
+        shape=ops.shape(x),
+        reduced=axes,
+    )
+
+
+def kept_shape(shape, reduced):
+    """`shape` with the `reduced` axes of size 1 (`keepdims=True`)."""
+    return [1 if a in reduced else size for a, size in enumerate(shape)]
+
+
+def kept_axes_span(rank, reduced):
+    """`(start, stop)`: the kept axes, which must be adjacent, are `start`
+    to `stop - 1`."""
+    kept = [a for a in range(rank) if a not in reduced]
+    return kept[0], kept[-1] + 1
 
 
 def standardize_mask(mask, x, layer_name):

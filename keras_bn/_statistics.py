@@ -36,6 +36,14 @@ class Moments(NamedTuple):
     count: Any
 
 
+class Normalized(NamedTuple):
+    """What a training kernel returns: the normalized output, like the
+    input, and the batch's `Moments`, `keepdims` against the input."""
+
+    outputs: Any
+    moments: Moments
+
+
 class Population(NamedTuple):
     """The population statistics a term is normalized with in inference."""
 

@@ -15,15 +15,16 @@ axes after them: `(64, 32, 32, 64)` normalized on its last axis is read as
 copy. Half-precision inputs are read as they are, the statistics
 accumulated in float32 with float32 weights.
 
-Like `_kernels`, the functions know nothing of the layers: they take
-tensors, plain values and an `affine(mean, variance)` function, and return
-the batch statistics; the layers update their moving statistics
+The functions have the signatures of `_ops_kernels` (`normalize`,
+`moments`, `inference`, statistics `keepdims` against the input) and know
+nothing of the layers; the layers update their moving statistics
 themselves. `torch` is imported when a function runs, so keras_bn imports
 without it.
 """
 
 import math
 
+from keras_bn import _layout
 from keras_bn import _statistics
 
 
@@ -40,73 +41,87 @@ def channel_view(x, start, stop):
     return x.reshape(sizes)
 
 
-def training(x, start, stop, epsilon, affine, affine_uses_statistics):
-    """Batch normalization of `x` over all axes but `start` to `stop - 1`.
+# The epsilon of the call that computes moments alone: the variance is
+# recovered from `1 / sqrt(variance + epsilon)`, more exactly for a
+# smaller one.
+_MOMENTS_EPSILON = 1e-12
 
-    Args:
-        x: Float tensor (float16, bfloat16, float32 or float64), not empty.
-        start, stop: The normalized axes are `start` to `stop - 1`.
-        epsilon: Python float.
-        affine: `affine(mean, variance)` returns the `(scale, offset)`
-            vectors (one entry per normalized position, float32 or
-            float64 like the statistics) applied to the batch-normalized
-            value. They receive gradients; the statistics passed in do not.
-        affine_uses_statistics: Whether `affine` needs the batch's
-            statistics (batch renormalization); if not, it is called with
-            `None`.
 
-    Returns:
-        `(y, mean, variance, count)`: `y` like `x`, the batch's mean and
-        biased variance as vectors (float32, or float64 for float64
-        inputs), and the number of elements behind each, a scalar.
+def _weights_dtype(x):
+    import torch
+
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _vector(value, x):
+    """A per-channel value as the kernel's vector: float32, or float64 for
+    float64 inputs (so that half-precision inputs get float32
+    statistics, not ones rounded to the input's dtype)."""
+    return value.reshape(-1).to(_weights_dtype(x))
+
+
+def _kernel_view(x, axes):
+    return channel_view(x, *_layout.kept_axes_span(len(x.shape), axes))
+
+
+def _moments(x, axes, view, mean, inverse_std, epsilon):
+    import torch
+
+    shape = _layout.kept_shape(x.shape, axes)
+    count = torch.tensor(
+        float(view.numel() // view.shape[1]), dtype=mean.dtype,
+        device=mean.device,
+    )
+    variance = _variance(inverse_std, epsilon)
+    return _statistics.Moments(
+        mean.reshape(shape), variance.reshape(shape), count
+    )
+
+
+def moments(x, axes, mask=None):
+    """The batch's `Moments` of `x` over `axes` (the kept axes adjacent,
+    no mask), from a call of the kernel without gradient."""
+    import torch
+
+    del mask  # None (`_dispatch`).
+    view = _kernel_view(x, axes)
+    ones = torch.ones(view.shape[1], dtype=_weights_dtype(x), device=x.device)
+    with torch.no_grad():
+        _, mean, inverse_std = torch.native_batch_norm(
+            view, ones, None, None, None, True, 0.0, _MOMENTS_EPSILON
+        )
+    return _moments(x, axes, view, mean, inverse_std, _MOMENTS_EPSILON)
+
+
+def normalize(x, axes, mask, epsilon, scale, offset, moments=None):
+    """Batch normalization of `x` (float16, bfloat16, float32 or float64,
+    not empty) over `axes`, the kept axes adjacent, without a mask.
+
+    The kernel computes the statistics itself: given `moments` (from
+    `moments`, bit for bit the ones it computes) are returned as they
+    are.
     """
     import torch
 
-    view = channel_view(x, start, stop)
-    count = view.numel() // view.shape[1]
-    if affine_uses_statistics:
-        # The scale and offset depend on the statistics, which the training
-        # kernel computes inside: a first call of the same kernel, without
-        # gradient, gives them (bit for bit the ones the second call
-        # normalizes with); its output is dropped at once.
-        # Float32 (or float64) weights make the kernel return statistics in
-        # their dtype for half-precision inputs, not rounded to the input's.
-        ones = torch.ones(
-            view.shape[1],
-            dtype=torch.float64 if x.dtype == torch.float64 else torch.float32,
-            device=x.device,
-        )
-        with torch.no_grad():
-            _, mean, inverse_std = torch.native_batch_norm(
-                view, ones, None, None, None, True, 0.0, epsilon
-            )
-        variance = _variance(inverse_std, epsilon)
-        scale, offset = affine(mean, variance)
-        y, _, _ = torch.native_batch_norm(
-            view, scale, offset, None, None, True, 0.0, epsilon
-        )
-    else:
-        scale, offset = affine(None, None)
-        y, mean, inverse_std = torch.native_batch_norm(
-            view, scale, offset, None, None, True, 0.0, epsilon
-        )
-        variance = _variance(inverse_std, epsilon)
-    count = torch.tensor(float(count), dtype=mean.dtype, device=mean.device)
-    return y.reshape(x.shape), mean, variance, count
+    del mask  # None (`_dispatch`).
+    view = _kernel_view(x, axes)
+    y, mean, inverse_std = torch.native_batch_norm(
+        view, _vector(scale, x), _vector(offset, x), None, None, True, 0.0,
+        epsilon,
+    )
+    if moments is None:
+        moments = _moments(x, axes, view, mean, inverse_std, epsilon)
+    return _statistics.Normalized(y.reshape(x.shape), moments)
 
 
-def inference(x, start, stop, gamma, beta, mean, variance, epsilon):
-    """Normalizes `x` with given statistics in one pass.
-
-    `gamma` and `beta` may be `None`; every vector has one entry per
-    normalized position and the statistics' dtype (float32, or float64
-    for float64 inputs).
-    """
+def inference(x, axes, epsilon, scale, offset, mean, variance):
+    """Normalizes `x` with given statistics in one pass."""
     import torch
 
     y, _, _ = torch.native_batch_norm(
-        channel_view(x, start, stop), gamma, beta, mean, variance, False,
-        0.0, epsilon,
+        _kernel_view(x, axes),
+        *(_vector(v, x) for v in (scale, offset, mean, variance)),
+        False, 0.0, epsilon,
     )
     return y.reshape(x.shape)
 

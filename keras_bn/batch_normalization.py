@@ -1,6 +1,5 @@
 """Batch normalization, a drop-in for `keras.layers.BatchNormalization`."""
 
-import math
 
 from keras import backend
 from keras import constraints
@@ -11,10 +10,8 @@ from keras import regularizers
 from keras import saving
 
 from keras_bn import _dispatch
-from keras_bn import _kernels
 from keras_bn import _layout
 from keras_bn import _statistics
-from keras_bn import _torch_kernels
 from keras_bn import _validation
 
 
@@ -182,9 +179,6 @@ class BatchNormalization(layers.Layer):
       batches).
     """
 
-    # Whether `_normalized_affine` needs the batch's statistics.
-    _affine_uses_statistics = False
-
     def __init__(
         self,
         axis=-1,
@@ -227,23 +221,9 @@ class BatchNormalization(layers.Layer):
         self.gamma_regularizer = regularizers.get(gamma_regularizer)
         self.beta_constraint = constraints.get(beta_constraint)
         self.gamma_constraint = constraints.get(gamma_constraint)
-        if renorm:
-            raise ValueError(
-                f"{type(self).__name__} does not do batch renormalization: "
-                "use keras_bn.BatchRenormalization, which takes the same "
-                "arguments (`from_config` turns a core Keras config with "
-                f"`renorm=True` into one). Received: renorm={renorm!r}"
-            )
+        _check_renorm(type(self).__name__, renorm)
         synchronized = _validation.boolean("synchronized", synchronized)
-        if synchronized and backend.backend() not in (
-            "tensorflow", "jax", "torch"
-        ):
-            raise ValueError(
-                "Argument `synchronized=True` needs the TensorFlow, JAX or "
-                "PyTorch backend. Received: "
-                f"synchronized={synchronized!r} with the "
-                f"{backend.backend()} backend"
-            )
+        _check_synchronized(synchronized)
         self.synchronized = synchronized
         self.virtual_batch_size = _validation.integer(
             "virtual_batch_size", virtual_batch_size, 1, allow_none=True
@@ -277,21 +257,12 @@ class BatchNormalization(layers.Layer):
             )
         self._axes = axes
         self._param_shape = tuple(input_shape[a] for a in axes)
-        # The `keras.ops` path works on a view of the input in which every
-        # run of adjacent reduced axes, and every run of adjacent normalized
-        # axes, is one axis: (64, 32, 32, 64) is normalized as (65536, 64).
-        # XLA compiles faster reductions for the merged view on a CPU, and
-        # the numbers are the same.
-        self._view_groups = _layout.adjacent_runs(len(input_shape), axes)
-        self._broadcast_shape = tuple(
-            math.prod(input_shape[a] for a in group) if normalized else 1
-            for normalized, group in self._view_groups
+        self._reduced = [a for a in range(len(input_shape)) if a not in axes]
+        # The statistics and weights as the kernels take them: `keepdims`
+        # against the input.
+        self._kept_shape = tuple(
+            _layout.kept_shape(input_shape, self._reduced)
         )
-        self._reduction_axes = [
-            i
-            for i, (normalized, _) in enumerate(self._view_groups)
-            if not normalized
-        ]
         shape = self._param_shape
         if self.scale:
             self.gamma = self.add_weight(
@@ -340,20 +311,16 @@ class BatchNormalization(layers.Layer):
         mask = self._standardize_mask(mask, inputs)
         training = bool(training and self.trainable)
         path = _dispatch.choose(self._call_facts(inputs, mask, training))
+        ghosts = self.virtual_batch_size is not None
+        kernel = _dispatch.kernel(path, self.synchronized and not ghosts)
         if training:
-            outputs = self._train_step(inputs, mask, path)
-        elif path.name == _dispatch.FUSED:
-            outputs = self._fused_inference(inputs)
-        elif path.name == _dispatch.TORCH:
-            outputs = self._torch_inference(inputs)
+            outputs = self._train_step(kernel, inputs, mask)
         else:
-            x = ops.cast(inputs, _statistics.statistics_dtype(inputs.dtype))
-            scale, offset = self._affine(
-                self._broadcast(self.moving_mean, x.dtype),
-                self._broadcast(self.moving_variance, x.dtype),
-            )
-            outputs = ops.reshape(
-                self._to_view(x) * scale + offset, ops.shape(x)
+            outputs = kernel.inference(
+                inputs, self._reduced, self.epsilon,
+                *self._scale_offset(inputs),
+                self._shaped(self.moving_mean, inputs),
+                self._shaped(self.moving_variance, inputs),
             )
         return _statistics.cast(outputs, self.compute_dtype)
 
@@ -460,7 +427,7 @@ class BatchNormalization(layers.Layer):
 
     def _adjacent_axes(self):
         """Whether the normalized axes are one run of adjacent axes."""
-        return sum(normalized for normalized, _ in self._view_groups) == 1
+        return self._axes == list(range(self._axes[0], self._axes[-1] + 1))
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -472,176 +439,56 @@ class BatchNormalization(layers.Layer):
             aggregation="mean",
         )
 
-    def _train_step(self, inputs, mask, path):
-        """Normalizes with batch statistics and updates the moving ones.
-
-        `path` is the `_dispatch.Path` the call takes.
-        """
-        if path.name == _dispatch.FUSED:
-            return self._fused_training(inputs)
-        if path.name == _dispatch.TORCH:
-            return self._torch_training(inputs)
-        x = _statistics.cast(
-            inputs, _statistics.statistics_dtype(inputs.dtype)
-        )
-        batch_size = ops.shape(x)[0]
+    def _train_step(self, kernel, inputs, mask):
+        """Normalizes with batch statistics through `kernel` (a
+        `_dispatch.Kernel`) and updates the moving statistics."""
+        x, axes = inputs, self._reduced
         ghosts = self.virtual_batch_size is not None
-        lead = 0
         if ghosts:
             x, mask = _statistics.ghost_split(
-                x, mask, self.virtual_batch_size
+                inputs, mask, self.virtual_batch_size
             )
-            lead = 1
-        layout = ops.shape(x)
-        mask = self._mask_to_view(mask, x, lead)
-        x = self._to_view(x, lead)
-        axes = [a + lead for a in self._reduction_axes]
-        def normalized_affine(mean, variance):
-            return self._normalized_affine(
-                mean, variance, lambda w: self._broadcast(w, x.dtype)
-            )
-
-        if path.name == _dispatch.XLA:
-            outputs, mean, variance, count = _kernels.xla_training(
-                x, axes, mask, self.epsilon, normalized_affine,
-                self._affine_uses_statistics,
-            )
-        elif path.name == _dispatch.WIDE:
-            outputs, mean, variance, count = _kernels.wide_training(
-                x, path.positions, self.epsilon, normalized_affine,
-                self._affine_uses_statistics,
-            )
-        else:
-            mean, variance, count = _statistics.moments(
-                x, axes, mask, synchronized=self.synchronized and not ghosts
-            )
-            scale, offset = self._batch_affine(mean, variance)
-            outputs = x * scale + offset
+            axes = [a + 1 for a in axes]
+        outputs, (mean, variance, count) = self._normalize(
+            kernel, x, axes, mask
+        )
         if ghosts:
             mean, variance, count = _statistics.combine_ghosts(
                 mean, variance, count, synchronized=self.synchronized
             )
+            outputs = _statistics.ghost_merge(outputs, ops.shape(inputs)[0])
         self._update_moving_statistics(
             self._to_param_shape(mean),
             self._to_param_shape(variance),
             self._to_param_shape(count),
         )
-        outputs = ops.reshape(outputs, layout)
-        if ghosts:
-            outputs = _statistics.ghost_merge(outputs, batch_size)
         return outputs
 
-    def _fused_training(self, inputs):
-        """The training step through TensorFlow's fused kernel."""
-        channels = self._param_shape[0]
-        y, mean, variance, count = _kernels.fused_training(
-            _kernels.image_view(inputs, channels),
-            self.epsilon,
-            lambda mean, variance: self._normalized_affine(
-                mean, variance, lambda w: ops.cast(w, "float32")
-            ),
-            self._affine_uses_statistics,
+    def _normalize(self, kernel, x, axes, mask):
+        """`x` batch-normalized over `axes` with `gamma` and `beta`: a
+        `_statistics.Normalized`, the moments `keepdims` against `x`."""
+        scale, offset = self._scale_offset(x)
+        return kernel.normalize(x, axes, mask, self.epsilon, scale, offset)
+
+    def _scale_offset(self, x):
+        """`gamma` and `beta` (ones and zeros where the layer has none)
+        as the kernels take them for `x` (`_shaped`)."""
+        gamma = ops.ones(self._param_shape) if self.gamma is None else (
+            self.gamma
         )
-        self._update_moving_statistics(mean, variance, count)
-        return ops.reshape(y, ops.shape(inputs))
-
-    def _fused_inference(self, inputs):
-        """The inference call through TensorFlow's fused kernel."""
-        channels = self._param_shape[0]
-        gamma = ops.ones(channels) if self.gamma is None else self.gamma
-        beta = ops.zeros(channels) if self.beta is None else self.beta
-        y = _kernels.fused_inference(
-            _kernels.image_view(inputs, channels),
-            gamma,
-            beta,
-            self.moving_mean,
-            self.moving_variance,
-            self.epsilon,
+        beta = ops.zeros(self._param_shape) if self.beta is None else (
+            self.beta
         )
-        return ops.reshape(y, ops.shape(inputs))
+        return self._shaped(gamma, x), self._shaped(beta, x)
 
-    def _torch_training(self, inputs):
-        """The training step through PyTorch's kernel."""
-        dtype = _statistics.statistics_dtype(inputs.dtype)
-        y, mean, variance, count = _torch_kernels.training(
-            inputs,
-            *self._channel_span(),
-            self.epsilon,
-            lambda mean, variance: self._normalized_affine(
-                mean, variance, lambda w: ops.reshape(ops.cast(w, dtype), -1)
-            ),
-            self._affine_uses_statistics,
+    def _shaped(self, weight, x):
+        """A per-position `weight` in the statistics dtype of `x`,
+        `keepdims` against `x` (which may have a leading ghost axis)."""
+        lead = (1,) * (len(x.shape) - len(self._kept_shape))
+        return ops.reshape(
+            _statistics.cast(weight, _statistics.statistics_dtype(x.dtype)),
+            lead + self._kept_shape,
         )
-        self._update_moving_statistics(
-            self._to_param_shape(mean), self._to_param_shape(variance), count
-        )
-        return y
-
-    def _torch_inference(self, inputs):
-        """The inference call through PyTorch's kernel."""
-        dtype = _statistics.statistics_dtype(inputs.dtype)
-        vectors = [
-            None if w is None else ops.reshape(ops.cast(w, dtype), -1)
-            for w in (
-                self.gamma, self.beta, self.moving_mean, self.moving_variance
-            )
-        ]
-        return _torch_kernels.inference(
-            inputs, *self._channel_span(), *vectors, self.epsilon
-        )
-
-    def _channel_span(self):
-        """`(start, stop)`: the normalized axes are `start` to `stop - 1`
-        (PyTorch's kernel serves only adjacent ones)."""
-        return self._axes[0], self._axes[-1] + 1
-
-    def _batch_affine(self, mean, variance):
-        """`(scale, offset)` of the `keras.ops` training path.
-
-        The output is `x * scale + offset`: the batch-normalized input
-        times the scale and plus the offset of `_normalized_affine`, so
-        subclasses override that alone and every path follows.
-        """
-        scale, offset = self._normalized_affine(
-            mean, variance, lambda w: self._broadcast(w, mean.dtype)
-        )
-        return _statistics.affine(mean, variance, self.epsilon, scale, offset)
-
-    def _normalized_affine(self, mean, variance, shaped):
-        """Scale and offset applied to the batch-normalized input.
-
-        The kernels (`_kernels`) compute `x_hat = (x - mean) /
-        sqrt(variance + epsilon)` with the batch's statistics and return
-        `x_hat * scale + offset`. Here they are `gamma` and `beta`;
-        subclasses that correct `x_hat` with the batch's statistics (batch
-        renormalization) override this; gradients reach `scale` and
-        `offset` but not the statistics passed here.
-
-        Args:
-            mean, variance: The batch's mean and biased variance, or `None`
-                where this class does not need them.
-            shaped: Function that casts and reshapes a weight to broadcast
-                against `mean`.
-
-        Returns:
-            `(scale, offset)`, broadcastable against `mean`.
-        """
-        del mean, variance
-        shape = self._param_shape
-        scale = ops.ones(shape) if self.gamma is None else self.gamma
-        offset = ops.zeros(shape) if self.beta is None else self.beta
-        return shaped(scale), shaped(offset)
-
-    def _affine(self, mean, variance):
-        """`(scale, offset)` such that the output is `x * scale + offset`.
-
-        `mean` and `variance` broadcast against the input.
-        """
-        gamma, beta = (
-            None if w is None else self._broadcast(w, mean.dtype)
-            for w in (self.gamma, self.beta)
-        )
-        return _statistics.affine(mean, variance, self.epsilon, gamma, beta)
 
     def _update_moving_statistics(self, mean, variance, count):
         """Moves the moving statistics towards the batch's.
@@ -669,21 +516,6 @@ class BatchNormalization(layers.Layer):
         )
         return _statistics.cumulative_decay(seen)
 
-    def _broadcast(self, weight, dtype):
-        """`weight` shaped to broadcast against the merged view."""
-        return ops.reshape(
-            _statistics.cast(weight, dtype), self._broadcast_shape
-        )
-
-    def _to_view(self, x, lead=0):
-        """`x` with its runs of adjacent reduced or normalized axes merged
-        (see `build`)."""
-        return _layout.to_view(x, self._view_groups, lead)
-
-    def _mask_to_view(self, mask, x, lead=0):
-        """`mask` (broadcastable to `x`) in the merged view of `x`."""
-        return _layout.mask_to_view(mask, x, self._view_groups, lead)
-
     def _standardize_mask(self, mask, x):
         """A mask of the rank of `x`, or a clear error if it cannot fit."""
         return _layout.standardize_mask(mask, x, self.name)
@@ -692,3 +524,23 @@ class BatchNormalization(layers.Layer):
         if len(statistic.shape) == 0:
             return statistic
         return ops.reshape(statistic, self._param_shape)
+
+
+def _check_renorm(class_name, renorm):
+    if renorm:
+        raise ValueError(
+            f"{class_name} does not do batch renormalization: use "
+            "keras_bn.BatchRenormalization, which takes the same arguments "
+            "(`from_config` turns a core Keras config with `renorm=True` "
+            f"into one). Received: renorm={renorm!r}"
+        )
+
+
+def _check_synchronized(synchronized):
+    if synchronized and backend.backend() not in ("tensorflow", "jax", "torch"):
+        raise ValueError(
+            "Argument `synchronized=True` needs the TensorFlow, JAX or "
+            "PyTorch backend. Received: "
+            f"synchronized={synchronized!r} with the "
+            f"{backend.backend()} backend"
+        )

@@ -294,26 +294,36 @@ class BatchRenormalization(BatchNormalization):
             aggregation="mean",
         )
 
-    _affine_uses_statistics = True
-
-    def _train_step(self, inputs, mask, path):
-        outputs = super()._train_step(inputs, mask, path)
+    def _train_step(self, kernel, inputs, mask):
+        outputs = super()._train_step(kernel, inputs, mask)
         self.renorm_step.assign_add(ops.cast(1, self.renorm_step.dtype))
         return outputs
 
-    def _normalized_affine(self, mean, variance, shaped):
-        """`(r * gamma, d * gamma + beta)`, the weights read by `shaped`."""
-        stddev = _statistics.stddev(variance, self.epsilon)
-        scale, offset = self._corrections(
-            mean, stddev, shaped(self.renorm_mean), shaped(self.renorm_stddev)
+    def _normalize(self, kernel, x, axes, mask):
+        """`x` renormalized: `r` and `d`, functions of the batch's moments,
+        folded into the scale `r * gamma` and the offset
+        `d * gamma + beta`."""
+        gamma, beta = self._scale_offset(x)
+        renorm_mean = self._shaped(self.renorm_mean, x)
+        renorm_stddev = self._shaped(self.renorm_stddev, x)
+
+        def scale_offset(moments):
+            r, d = self._corrections(
+                moments.mean,
+                _statistics.stddev(moments.variance, self.epsilon),
+                renorm_mean,
+                renorm_stddev,
+            )
+            return r * gamma, d * gamma + beta
+
+        if kernel.moments is None:
+            # A kernel that computes the moments only as it normalizes.
+            return kernel.corrected(x, axes, self.epsilon, scale_offset)
+        moments = kernel.moments(x, axes, mask)
+        scale, offset = scale_offset(moments)
+        return kernel.normalize(
+            x, axes, mask, self.epsilon, scale, offset, moments
         )
-        if self.gamma is not None:
-            gamma = shaped(self.gamma)
-            scale = scale * gamma
-            offset = offset * gamma
-        if self.beta is not None:
-            offset = offset + shaped(self.beta)
-        return scale, offset
 
     def _corrections(self, mean, stddev, renorm_mean, renorm_stddev):
         """Clipped, gradient-stopped `r` and `d`; records the clipping."""

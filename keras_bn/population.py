@@ -12,9 +12,9 @@ from keras_bn import _validation
 from keras_bn.batch_normalization import BatchNormalization
 
 # Layers whose moving statistics are updated in training as
-# `moving = moving * momentum + batch_statistic * (1 - momentum)` with
-# `momentum` read from the layer's `momentum` attribute at call time, and
-# kept in its `moving_mean` and `moving_variance` weights (and
+# `moving = moving * momentum + batch_statistic * (1 - momentum)`, with the
+# layer's `momentum` (keras_bn's `momentum=None`: `1 - 1 / n` at the `n`-th
+# update), and kept in its `moving_mean` and `moving_variance` weights (and
 # `moving_stddev` for batch renormalization). Subclasses are covered.
 _LAYER_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
 
@@ -51,9 +51,13 @@ def recompute_statistics(
     `num_batches_tracked`, random-generator states) is restored afterwards.
     Layers such as `Dropout` act as in training, so the statistics are those
     of the activations the layers saw in training, which is what their
-    moving averages estimate too. A batch that gives a layer no element to
-    count (all masked) leaves its statistics alone, so that layer's result
-    weights the other batches unequally.
+    moving averages estimate too. No layer attribute changes: each batch's
+    statistics are read from what the layer's own update, with its own
+    `momentum`, writes into its moving statistics set to zero. A batch that
+    gives a layer no element to count for a statistic (all masked) is left
+    out of that statistic's average; a statistic no batch counted keeps its
+    value. A core Keras layer with `momentum=1.0`, which keeps nothing of a
+    batch, raises a `ValueError`.
 
     Layers that keep statistics row by row with counts of their own (for
     instance one row per time step) take part through a method
@@ -126,13 +130,12 @@ def recompute_statistics(
     jit_compile = check_jit_compile(jit_compile)
     _validation.choice("verbose", verbose, (0, 1))
     bn_layers, row_layers = statistics_layers(model)
-    averages = [
+    averages = [_LayerAverage(layer) for layer in bn_layers] + [
         _RowAverage(counter, weights)
         for layer in row_layers
         for counter, weights in getattr(layer, _ROWS_METHOD)()
     ]
-    recomputed = [v for layer in bn_layers for v in _population(layer)]
-    recomputed += [w for average in averages for w in average.weights]
+    recomputed = [w for average in averages for w in average.weights]
     recomputed_ids = {id(v) for v in recomputed}
     # Forward passes in training mode also move state that is not a
     # population statistic (seed generators, counters); it is put back.
@@ -144,23 +147,14 @@ def recompute_statistics(
     saved = [_numpy(v) for v in others]
     saved_recomputed = [_numpy(v) for v in recomputed]
 
-    momentum = keras.Variable(
-        0.0, dtype="float32", trainable=False, autocast=False, name="momentum"
-    )
-    momenta = [layer.momentum for layer in bn_layers]
     trainable = [layer.trainable for layer in bn_layers + row_layers]
-    forward = _forward(model, jit_compile, extra_variables=[momentum])
+    forward = _forward(model, jit_compile)
     target = _num_batches(data, batch_size)
     if target is None or (steps is not None and steps < target):
         target = steps
     progbar = keras.utils.Progbar(target, verbose=verbose, unit_name="batch")
     count = 0
-    done = False
     try:
-        for layer in bn_layers:
-            # `object.__setattr__` keeps the variable out of the layer's
-            # tracked weights, so saving and `get_config` are unaffected.
-            object.__setattr__(layer, "momentum", momentum)
         for layer in bn_layers + row_layers:
             layer.trainable = True
         for x in _batches(data, batch_size):
@@ -168,9 +162,6 @@ def recompute_statistics(
                 break
             if count == 0:
                 _check_input_shape(model, x, data)
-            # Before batch k (from 0), keep k / (k + 1) of the running
-            # average: an equal-weight mean of every batch seen so far.
-            momentum.assign(_statistics.cumulative_decay(count))
             for average in averages:
                 average.start_batch()
             forward(x)
@@ -181,20 +172,17 @@ def recompute_statistics(
         if count and (target is None or count < target):
             # Ends the progress bar's line.
             progbar.update(count, finalize=True)
-        for average in averages:
-            average.assign()
-        done = True
     finally:
-        for layer, value in zip(bn_layers, momenta):
-            object.__setattr__(layer, "momentum", value)
         for layer, value in zip(bn_layers + row_layers, trainable):
             layer.trainable = value
         for variable, value in zip(others, saved):
             variable.assign(value)
-        if not done:
-            # An interrupted pass leaves the statistics as they were.
-            for variable, value in zip(recomputed, saved_recomputed):
-                variable.assign(value)
+        for variable, value in zip(recomputed, saved_recomputed):
+            # The averages replace them below; an interrupted pass leaves
+            # the statistics as they were.
+            variable.assign(value)
+    for average in averages:
+        average.assign()
     if count == 0:
         raise ValueError(
             "Argument `data` gave no batch, so no statistics were "
@@ -311,6 +299,76 @@ def _flatten(model):
     return model._flatten_layers(include_self=True)
 
 
+class _LayerAverage:
+    """The equal-weight average of a batch-normalization layer's batch
+    statistics, element by element, read from its moving statistics.
+
+    Before each batch the moving statistics are set to negative zero (and
+    keras_bn's update count to zero), so that a training call leaves
+    `batch_statistic * (1 - momentum)` in every element it updates, and
+    leaves alone (negative zero) those its batch gave no element to count.
+    A variance, or a standard deviation, that a batch updated is never
+    negative zero, so those elements are told apart; the others are left
+    out of their average, and an element no batch updated keeps its value
+    from before.
+    """
+
+    def __init__(self, layer):
+        self.weights = _population(layer)
+        self.epsilon = layer.epsilon
+        self.renormalizing = getattr(layer, "moving_stddev", None) is not None
+        # What tells which elements a batch updated.
+        self.witness = len(self.weights) - 1
+        momentum = layer.momentum
+        self.counter = getattr(layer, "num_batches_tracked", None)
+        if momentum is None:
+            # Cumulative: the first update writes the batch's statistics.
+            momentum = 0.0
+        elif not 0.0 <= momentum < 1.0:
+            raise ValueError(
+                f"Layer '{layer.name}' has momentum={momentum!r}, which "
+                "keeps none of a batch's statistics, so they cannot be "
+                "recomputed; a momentum in [0, 1) is needed."
+            )
+        self.cumulative = layer.momentum is None
+        self.share = 1.0 - float(momentum)
+        self.totals = [np.zeros(w.shape, "float64") for w in self.weights]
+        self.counts = np.zeros(self.weights[0].shape, "float64")
+
+    def start_batch(self):
+        for weight in self.weights:
+            weight.assign(np.full(weight.shape, -0.0))
+        if self.cumulative:
+            self.counter.assign(np.zeros(self.counter.shape))
+
+    def end_batch(self):
+        values = [_numpy(w).astype("float64") for w in self.weights]
+        witness = values[self.witness]
+        updated = ~((witness == 0.0) & np.signbit(witness))
+        self.counts += updated
+        for total, value in zip(self.totals, values):
+            total += np.where(updated, value / self.share, 0.0)
+
+    def assign(self):
+        averages = [
+            np.where(
+                self.counts > 0,
+                total / np.maximum(self.counts, 1.0),
+                _numpy(weight),
+            )
+            for total, weight in zip(self.totals, self.weights)
+        ]
+        if self.renormalizing:
+            # `moving_variance` follows `moving_stddev`, as in training.
+            averages[1] = np.where(
+                self.counts > 0,
+                _statistics.variance_from_stddev(averages[2], self.epsilon),
+                averages[1],
+            )
+        for weight, average in zip(self.weights, averages):
+            weight.assign(average.astype(weight.dtype))
+
+
 class _RowAverage:
     """The equal-weight average, row by row, of a layer's batch statistics.
 
@@ -381,7 +439,7 @@ def _batches(data, batch_size):
         yield _foreign_to_numpy(x)
 
 
-def _forward(model, jit_compile, extra_variables):
+def _forward(model, jit_compile):
     """A function that runs `model` on a batch in training mode.
 
     TensorFlow runs it as a `tf.function` (compiled with XLA when
@@ -401,7 +459,7 @@ def _forward(model, jit_compile, extra_variables):
             reduce_retracing=True,
         )
     if name == "jax":
-        return _jax_forward(model, extra_variables)
+        return _jax_forward(model)
     if name == "torch":
         import torch
 
@@ -413,13 +471,11 @@ def _forward(model, jit_compile, extra_variables):
     return lambda x: model(x, training=True)
 
 
-def _jax_forward(model, extra_variables):
+def _jax_forward(model):
     import jax
 
     variables = _unique(
-        model.trainable_variables
-        + model.non_trainable_variables
-        + list(extra_variables)
+        model.trainable_variables + model.non_trainable_variables
     )
     position = {id(v): i for i, v in enumerate(variables)}
     # Only non-trainable state moves in a forward pass.

@@ -77,9 +77,13 @@ class ImportGraphTest(parameterized.TestCase):
 
     def test_kernels_know_no_layer(self):
         graph = _graph()
-        below_layers = {"keras_bn._dispatch", "keras_bn._statistics",
-                        "keras_bn._replicas", "keras_bn._backend_ops"}
-        for kernel_module in sorted(below_layers | {"keras_bn._kernels"}):
+        kernels = {"keras_bn._ops_kernels", "keras_bn._kernels",
+                   "keras_bn._torch_kernels"}
+        below_layers = kernels | {
+            "keras_bn._dispatch", "keras_bn._statistics",
+            "keras_bn._replicas", "keras_bn._backend_ops", "keras_bn._layout",
+        }
+        for kernel_module in sorted(below_layers):
             self.assertLessEqual(
                 graph[kernel_module], below_layers, kernel_module
             )

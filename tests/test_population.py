@@ -216,6 +216,84 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         self.assertEqual(count, 3)
         self.assert_statistics(model, reference_statistics(model, split(x, 32)))
 
+    def test_layers_keep_their_momentum_during_the_pass(self):
+        seen = []
+
+        class Recording(keras_bn.BatchNormalization):
+            def call(self, inputs, training=None, mask=None):
+                seen.append(self.momentum)
+                return super().call(inputs, training=training, mask=mask)
+
+        model = make_model(Recording, momentum=0.9)
+        x = data()
+        keras_bn.recompute_statistics(model, x, batch_size=32, verbose=0)
+        self.assertNotEmpty(seen)
+        self.assertEqual(set(seen), {0.9})
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+
+    @parameterized.named_parameters(
+        ("momentum", 0.99), ("cumulative", None), ("no_memory", 0.0)
+    )
+    def test_an_all_masked_batch_is_left_out(self, momentum):
+        # Channel 1 has no unmasked element in the second batch: its
+        # average is the first and third batches' alone; channel 0 counts
+        # all three.
+        layer = keras_bn.BatchNormalization(
+            momentum=momentum, epsilon=EPSILON
+        )
+        inputs = keras.Input((4, 2), name="x")
+        masks = keras.Input((4, 2), dtype="bool", name="mask")
+        model = keras.Model(
+            {"x": inputs, "mask": masks}, layer(inputs, mask=masks)
+        )
+        rng = np.random.default_rng(2)
+        x = rng.normal(3.0, 2.0, (24, 4, 2)).astype("float32")
+        mask = rng.uniform(size=(24, 4, 2)) < 0.7
+        mask[:, 0, 0] = True
+        mask[8:16, :, 1] = False
+        layer.moving_variance.assign([5.0, 5.0])
+        keras_bn.recompute_statistics(
+            model, {"x": x, "mask": mask}, batch_size=8
+        )
+        expected = []
+        for c in range(2):
+            stats = [
+                (b[m].mean(), b[m].var())
+                for b, m in zip(
+                    np.split(x[..., c].astype("float64"), 3),
+                    np.split(mask[..., c], 3),
+                )
+                if m.any()
+            ]
+            expected.append(np.mean(stats, axis=0))
+        expected = np.array(expected)
+        self.assertAllClose(layer.moving_mean, expected[:, 0], rtol=1e-5)
+        self.assertAllClose(layer.moving_variance, expected[:, 1], rtol=1e-5)
+
+    def test_large_means_are_recovered_exactly(self):
+        # With momentum 0.99 each batch's statistics are read back from
+        # `0.01 * statistic`: float32 rounding only, no cancellation.
+        layer = keras_bn.BatchNormalization(momentum=0.99)
+        model = keras.Sequential([keras.Input((3,)), layer])
+        x = np.random.default_rng(4).normal(1e4, 1.0, (96, 3))
+        keras_bn.recompute_statistics(model, x.astype("float32"))
+        batches = split(x.astype("float32").astype("float64"), 32)
+        self.assertAllClose(
+            layer.moving_mean,
+            np.mean([b.mean(axis=0) for b in batches], axis=0),
+            rtol=1e-6, atol=0,
+        )
+        self.assertAllClose(
+            layer.moving_variance,
+            np.mean([b.var(axis=0) for b in batches], axis=0),
+            rtol=1e-3,
+        )
+
+    def test_core_momentum_one_raises(self):
+        model = make_model(keras.layers.BatchNormalization, momentum=1.0)
+        with self.assertRaisesRegex(ValueError, r"momentum=1\.0.*\[0, 1\)"):
+            keras_bn.recompute_statistics(model, data(), verbose=0)
+
     def test_steps_limits_batches(self):
         model = make_model(keras.layers.BatchNormalization)
         x = data()

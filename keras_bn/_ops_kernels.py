@@ -1,0 +1,68 @@
+"""The `keras.ops` kernel: batch normalization on every backend.
+
+The path every configuration can take (`_dispatch.OPS`): two-pass moments
+(`_statistics.moments`) and `x * scale + offset`, on the merged view of the
+input (`_layout.merged_view`), which XLA and the backends reduce faster
+than several axes, with the same numbers. The gradient is the framework's.
+
+Like the other kernels (`_kernels` on TensorFlow, `_torch_kernels` on
+torch), these are functions of tensors with one signature:
+
+- `normalize(x, axes, mask, epsilon, scale, offset, moments=None)`:
+  batch-normalizes `x` over its `axes`, leaving out the elements where
+  `mask` is zero from the statistics, and returns
+  `_statistics.Normalized(outputs, moments)`. `scale` and `offset`
+  broadcast against `x` (`keepdims`), in the statistics dtype. Given
+  `moments` (this batch's, from `moments`), it normalizes with them.
+- `moments(x, axes, mask)`: the batch's `_statistics.Moments`, `keepdims`.
+- `inference(x, axes, epsilon, scale, offset, mean, variance)`: `x`
+  normalized with given statistics.
+"""
+
+from keras_bn import _layout
+from keras_bn import _statistics
+
+
+def _in_statistics_dtype(x):
+    return _statistics.cast(x, _statistics.statistics_dtype(x.dtype))
+
+
+def moments(x, axes, mask=None, synchronized=False):
+    """The batch's `Moments` of `x` over `axes`, `keepdims`; across
+    replicas when `synchronized` (`_statistics.moments`)."""
+    view = _layout.merged_view(_in_statistics_dtype(x), axes, mask)
+    return _view_moments(view, synchronized)
+
+
+def normalize(
+    x, axes, mask, epsilon, scale, offset, moments=None, synchronized=False
+):
+    """Batch normalization of `x` over `axes` (see the module)."""
+    view = _layout.merged_view(_in_statistics_dtype(x), axes, mask)
+    if moments is None:
+        moments = _view_moments(view, synchronized)
+    total_scale, total_offset = _statistics.affine(
+        view.of(moments.mean), view.of(moments.variance), epsilon,
+        view.of(scale), view.of(offset),
+    )
+    outputs = view.output(view.x * total_scale + total_offset)
+    return _statistics.Normalized(outputs, moments)
+
+
+def inference(x, axes, epsilon, scale, offset, mean, variance):
+    """`x` normalized with the given statistics (see the module)."""
+    view = _layout.merged_view(_in_statistics_dtype(x), axes)
+    total_scale, total_offset = _statistics.affine(
+        view.of(mean), view.of(variance), epsilon, view.of(scale),
+        view.of(offset),
+    )
+    return view.output(view.x * total_scale + total_offset)
+
+
+def _view_moments(view, synchronized):
+    mean, variance, count = _statistics.moments(
+        view.x, view.axes, view.mask, synchronized=synchronized
+    )
+    return _statistics.Moments(
+        view.statistic(mean), view.statistic(variance), view.statistic(count)
+    )
