@@ -14,7 +14,7 @@ from keras_bn.folding import fold_batch_normalization
 from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
 from keras_bn.population import recompute_statistics
 
-__version__ = "0.1.0.dev0"
+__version__ = "0.1.0"
 
 __all__ = [
     "BatchNormalization",

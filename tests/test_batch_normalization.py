@@ -384,9 +384,6 @@ class LayerHarnessTest(test_case.LayerTestCase):
         ("synchronized", {"synchronized": True}, (8, 4), 2, 2),
     )
     def test_layer(self, kwargs, shape, trainable, non_trainable):
-        if kwargs.get("synchronized") and TORCH:
-            self.skipTest("synchronized=True needs TensorFlow or JAX until "
-                          "torch.distributed support lands (issue #15)")
         self.run_layer_test(
             keras_bn.BatchNormalization,
             kwargs,
