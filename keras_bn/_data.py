@@ -133,11 +133,11 @@ def _describe(value):
         return "{" + ", ".join(
             f"{k!r}: {_describe(v)}" for k, v in value.items()
         ) + "}"
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, list):
+        return "[" + ", ".join(_describe(v) for v in value) + "]"
+    if isinstance(value, tuple):
         inner = ", ".join(_describe(v) for v in value)
-        return f"({inner},)" if isinstance(value, tuple) and len(
-            value
-        ) == 1 else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        return f"({inner},)" if len(value) == 1 else f"({inner})"
     return repr(value)
 
 
