@@ -36,17 +36,14 @@ one class shows there), and the plot every seed.
     python examples/adaptation.py --quick
 """
 
-import argparse
 import json
-import os
 import pathlib
 import sys
 import time
 
 import _cli
 
-# Keeps TensorFlow's C++ start-up messages out of the example's output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_cli.quiet_tensorflow()
 
 METHODS = (
     "source",
@@ -79,6 +76,8 @@ EXPLANATIONS = {
 QUICK = {
     "seeds": 1, "epochs": 4, "fine_tune_epochs": 5,
 }
+# The digits scikit-learn ships.
+DIGITS = 1797
 
 
 def load_digits(seed, train_size):
@@ -266,6 +265,8 @@ def report(results, shares, args, elapsed):
         f"TENT online {verdict} AdaBN here ({tent:.3f} against "
         f"{adabn:.3f}). Run time {elapsed:.0f} s.",
     ]
+    if args.quick:
+        lines = [_cli.QUICK_NOTE, ""] + lines
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -319,23 +320,10 @@ def plot(results, path):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="one seed and few epochs, for a smoke run")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress output from Keras")
-    parser.add_argument("--out", type=pathlib.Path,
-                        default=pathlib.Path("out", "adaptation"),
-                        help="folder for results.json, results.md and the "
-                        "plot")
-    parser.add_argument("--seed", type=_cli.non_negative_int, default=0,
-                        help="first seed")
+    parser = _cli.parser(__doc__.split("\n\n")[0])
     integers = (
         ("--seeds", 5, "number of seeds to average over"),
-        ("--train-size", 1000, "clean training digits (of 1797)"),
+        ("--train-size", 1000, f"clean training digits (of {DIGITS})"),
         ("--epochs", 15, "training epochs on clean digits"),
         ("--labelled", 100, "labelled corrupted digits for fine-tuning"),
         ("--batch-size", 64, "test batch size for TENT and AdaBN"),
@@ -346,7 +334,7 @@ def parse_args(argv):
     )
     for option, default, text in integers:
         parser.add_argument(option, type=_cli.positive_int, default=default,
-                            help=text)
+                            help=f"{text}, a positive integer")
     rates = (
         ("--tent-learning-rate", 1e-3, "TENT learning rate (Adam)"),
         ("--long-tent-learning-rate", 1e-2, "TENT learning rate (Adam), "
@@ -359,25 +347,31 @@ def parse_args(argv):
     )
     for option, default, text in rates:
         parser.add_argument(option, type=_cli.rate, default=default,
-                            help=text)
+                            help=f"{text}, a finite number above 0")
+    _cli.add_common(
+        parser, quick=QUICK, quick_help="",
+        out=pathlib.Path("out", "adaptation"),
+        seed_help="first seed: seeds --seed to --seed + --seeds - 1 make the "
+        "split, the noise and the weights",
+    )
     args = parser.parse_args(argv)
-    if args.train_size + args.labelled >= 1797:
-        parser.error(
-            "--train-size plus --labelled must leave test digits of the "
-            f"1797. Received: {args.train_size} and {args.labelled}"
+    if args.train_size + args.labelled >= DIGITS:
+        parser.fail(
+            "--train-size", args.train_size,
+            f"below {DIGITS} minus --labelled ({args.labelled}), so that "
+            f"test digits are left of the {DIGITS}",
         )
-    if args.quick:
-        for name, value in QUICK.items():
-            setattr(args, name, value)
     return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _cli.import_keras()
     start = time.time()
     results, shares = run(args)
     report(results, shares, args, time.time() - start)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

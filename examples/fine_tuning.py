@@ -27,13 +27,14 @@ Usage:
     python examples/fine_tuning.py --quick    # a smoke run, < 1 min
 """
 
-import argparse
 import json
 import os
 import sys
 import time
 
 import _cli
+
+_cli.quiet_tensorflow()
 
 # A fifth of the labelled examples are fraud: fewer than this leave too few
 # frauds to fine-tune on.
@@ -223,11 +224,14 @@ def report(results, args, elapsed):
         )
     best = max(METHODS, key=lambda m: np.mean(results[m]))
     lines += ["", f"Best on average: {best}. Run time {elapsed:.0f} s."]
+    if args.quick:
+        lines = [_cli.QUICK_NOTE, ""] + lines
     text = "\n".join(lines)
     print(text)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"auc": results, "args": vars(args)}, f, indent=2)
+        json.dump({"auc": results, "args": vars(args)}, f, indent=2,
+                  default=str)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     plot(results, os.path.join(args.out, "fine_tuning_auc.png"))
@@ -267,19 +271,14 @@ def plot(results, path):
     plt.close(fig)
 
 
+QUICK = {
+    "seeds": 1, "pretrain_size": 4000, "pretrain_epochs": 2,
+    "unlabelled": 1024, "test_size": 2000, "fine_tune_epochs": 5,
+}
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="small data and few epochs, for a smoke run")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress output from Keras")
-    parser.add_argument("--out", default=os.path.join("out", "fine_tuning"),
-                        help="folder for results.json, results.md and the plot")
-    parser.add_argument("--seed", type=_cli.non_negative_int, default=0,
-                        help="first seed")
+    parser = _cli.parser(__doc__.split("\n\n")[0])
     integers = (
         ("--seeds", 3, "number of seeds to average over"),
         ("--pretrain-size", 40000, "old-market transactions for pretraining"),
@@ -292,27 +291,31 @@ def parse_args(argv):
     )
     for option, default, text in integers:
         parser.add_argument(option, type=_cli.positive_int, default=default,
-                            help=text)
+                            help=f"{text}, a positive integer")
     parser.add_argument("--labelled", type=_cli.int_at_least(MIN_LABELLED),
                         default=128,
-                        help="labelled new-market transactions")
+                        help="labelled new-market transactions, at least "
+                        f"{MIN_LABELLED}")
     parser.add_argument("--fine-tune-learning-rate", type=_cli.rate,
-                        default=1e-3, help="fine-tuning learning rate (Adam)")
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.seeds = 1
-        args.pretrain_size, args.pretrain_epochs = 4000, 2
-        args.unlabelled, args.test_size = 1024, 2000
-        args.fine_tune_epochs = 5
-    return args
+                        default=1e-3, help="fine-tuning learning rate (Adam), "
+                        "a finite number above 0")
+    _cli.add_common(
+        parser, quick=QUICK, quick_help="",
+        out=os.path.join("out", "fine_tuning"),
+        seed_help="first seed: seeds --seed to --seed + --seeds - 1 make the "
+        "data and the weights",
+    )
+    return parser.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _cli.import_keras()
     start = time.time()
     results = run(args)
     report(results, args, time.time() - start)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

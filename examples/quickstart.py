@@ -17,80 +17,42 @@ training loss, and writes a plot of both curves to `--out`.
     python examples/quickstart.py --learning-rate 0.1 --epochs 10 --quiet
 """
 
-import argparse
-import os
 import pathlib
 import sys
 
 import _cli
 
-# Keeps TensorFlow's C++ start-up messages out of the example's output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_cli.quiet_tensorflow()
 
 TARGET_ACCURACY = 0.95
-QUICK_EPOCHS = 2
+QUICK = {"epochs": 2}
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=(
-            "Train the same small convolutional classifier on "
-            "scikit-learn's 8x8 digits with and without "
-            "keras_bn.BatchNormalization, print both validation-accuracy "
-            "curves and plot them."
-        )
+    parser = _cli.parser(
+        "Train the same small convolutional classifier on scikit-learn's "
+        "8x8 digits with and without keras_bn.BatchNormalization, print "
+        "both validation-accuracy curves and plot them."
     )
     parser.add_argument(
-        "--epochs",
-        type=_cli.positive_int,
-        default=15,
-        help="training epochs for each model, a positive integer "
-        "(default: %(default)s)",
+        "--epochs", type=_cli.positive_int, default=15,
+        help="training epochs for each model, a positive integer",
     )
     parser.add_argument(
-        "--learning-rate",
-        type=_cli.rate,
-        default=0.5,
-        help="plain SGD learning rate, a positive number "
-        "(default: %(default)s)",
+        "--learning-rate", type=_cli.rate, default=0.5,
+        help="plain SGD learning rate, a finite number above 0",
     )
     parser.add_argument(
-        "--batch-size",
-        type=_cli.positive_int,
-        default=32,
-        help="training batch size, a positive integer (default: %(default)s)",
+        "--batch-size", type=_cli.positive_int, default=32,
+        help="training batch size, a positive integer",
     )
-    parser.add_argument(
-        "--seed",
-        type=_cli.non_negative_int,
-        default=0,
-        help="seed for the data split, the weights and the shuffling; both "
-        "models start from it (default: %(default)s)",
+    _cli.add_common(
+        parser, quick=QUICK, quick_help="",
+        out=pathlib.Path("out", "quickstart"),
+        seed_help="seed for the data split, the weights and the shuffling; "
+        "both models start from it",
     )
-    parser.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=pathlib.Path("out", "quickstart"),
-        help="folder for the plot quickstart.png, created if missing "
-        "(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"train for only {QUICK_EPOCHS} epochs (a smoke test; "
-        "overrides --epochs)",
-    )
-    parser.add_argument(
-        "--quiet",
-        action="store_true",
-        help="hide Keras's progress bars; the results are still printed",
-    )
-    args = parser.parse_args(argv)
-    if args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out must be a folder. Received: {args.out}")
-    if args.quick:
-        args.epochs = QUICK_EPOCHS
-    return args
+    return parser.parse_args(argv)
 
 
 def load_data(seed):
@@ -205,6 +167,7 @@ def main(argv=None):
     # arguments are checked, so that `--help` and argument errors answer at
     # once instead of after TensorFlow's start-up.
     args = parse_args(argv)
+    _cli.import_keras()
     data = load_data(args.seed)
     runs = {
         "with BN": train(True, data, args),
@@ -213,6 +176,8 @@ def main(argv=None):
     curves = {label: accuracies for label, (accuracies, _) in runs.items()}
 
     print()
+    if args.quick:
+        print(_cli.QUICK_NOTE)
     print("Validation accuracy")
     print(f"{'epoch':>5}  {'with BN':>10}  {'without BN':>10}")
     for epoch, (bn, plain) in enumerate(zip(*curves.values()), start=1):

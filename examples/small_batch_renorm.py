@@ -17,19 +17,19 @@ prints a table, and writes `results.json`, `results.csv`, `results.png` and
 `renorm_diagnostics.csv` (the clipping limits and clipped fractions of the
 first seed's BRN runs, every 50 steps) to `--out`.
 
-    python examples/small_batch_renorm.py --quick   # about a minute on 2 cores
+    python examples/small_batch_renorm.py --quick   # a smoke run
     python examples/small_batch_renorm.py           # a few minutes
 """
 
-import argparse
 import csv
 import json
 import os
+import sys
 import time
 
 import _cli
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_cli.quiet_tensorflow()
 
 CASES = {
     # name: (batch size, classes per batch or None for i.i.d.)
@@ -38,32 +38,26 @@ CASES = {
     "noniid_32": (32, 2),
 }
 LAYERS = ("BN", "BRN")
+QUICK = {"steps": 300, "seeds": 2}
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = _cli.parser(__doc__.split("\n")[0])
     parser.add_argument(
-        "--quick", action="store_true",
-        help="fewer steps and seeds (the CI smoke run)",
+        "--steps", type=_cli.positive_int, default=1500,
+        help="training steps per run",
     )
     parser.add_argument(
-        "--out", default=os.path.join(".", "out", "small_batch_renorm"),
-        help="output directory (default: ./out/small_batch_renorm)",
+        "--seeds", type=_cli.positive_int, default=5,
+        help="number of seeds per case and layer",
     )
-    parser.add_argument(
-        "--steps", type=_cli.positive_int,
-        help="training steps per run (default: 1500, 300 with --quick)",
+    _cli.add_common(
+        parser, quick=QUICK, quick_help="",
+        out=os.path.join("out", "small_batch_renorm"),
+        seed_help="first seed: runs use --seed to --seed + --seeds - 1 for "
+        "the split, the batches and the weights",
     )
-    parser.add_argument(
-        "--seeds", type=_cli.positive_int,
-        help="number of seeds (default: 5, 2 with --quick)",
-    )
-    args = parser.parse_args(argv)
-    if args.steps is None:
-        args.steps = 300 if args.quick else 1500
-    if args.seeds is None:
-        args.seeds = 2 if args.quick else 5
-    return args
+    return parser.parse_args(argv)
 
 
 def load_data(seed):
@@ -242,23 +236,27 @@ def plot(rows, path):
 
 def main(argv=None):
     args = parse_args(argv)
+    _cli.import_keras()
     os.makedirs(args.out, exist_ok=True)
     start = time.time()
     results = []
     traces = {}
     for case in CASES:
         for kind in LAYERS:
-            for seed in range(args.seeds):
+            for seed in range(args.seed, args.seed + args.seeds):
                 accuracy, diagnostics = run(case, kind, seed, args)
-                if diagnostics and seed == 0:
+                if diagnostics and seed == args.seed:
                     traces[case] = diagnostics
                 results.append(
                     {"case": case, "layer": kind, "seed": seed,
                      "accuracy": accuracy}
                 )
-                print(f"{case:<10} {kind:<4} seed {seed}: {accuracy:.4f}",
-                      flush=True)
+                if not args.quiet:
+                    print(f"{case:<10} {kind:<4} seed {seed}: "
+                          f"{accuracy:.4f}", flush=True)
     rows = summarize(results)
+    if args.quick:
+        print("\n" + _cli.QUICK_NOTE)
     print_table(rows, args.seeds)
     elapsed = time.time() - start
     print(f"\n{args.steps} steps per run; {elapsed:.0f} s in all")
@@ -281,7 +279,8 @@ def main(argv=None):
         for case, trace in traces.items():
             writer.writerows(dict(row, case=case) for row in trace)
     plot(rows, os.path.join(args.out, "results.png"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -32,7 +32,6 @@ Usage:
     python examples/stock_series.py --csv prices.csv
 """
 
-import argparse
 import json
 import math
 import os
@@ -41,8 +40,7 @@ import time
 
 import _cli
 
-# Keeps TensorFlow's C++ start-up messages out of the example's output.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+_cli.quiet_tensorflow()
 
 REQUIRED_COLUMNS = ("Date", "Open", "High", "Low", "Close", "Volume")
 SPLIT = (0.7, 0.15)  # train, validate; the rest is the test period
@@ -69,19 +67,19 @@ def load_prices(args):
         frame = frame.reset_index().rename(columns={frame.index.name: "Date"})
         source = f"arch.data.{args.dataset}"
     else:
-        if not os.path.isfile(args.csv):
-            raise InputError(f"--csv {args.csv}: no such file")
         try:
             frame = pd.read_csv(args.csv)
         except (ValueError, pd.errors.ParserError) as error:
             raise InputError(
-                f"--csv {args.csv}: not a readable CSV ({error})"
+                "argument --csv: must be a readable CSV file. Received: "
+                f"{args.csv!r} ({error})"
             ) from None
         missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
         if missing:
             raise InputError(
-                f"--csv {args.csv}: missing column(s) {', '.join(missing)}; "
-                f"needs {', '.join(REQUIRED_COLUMNS)}"
+                "argument --csv: must be a CSV with the columns "
+                f"{', '.join(REQUIRED_COLUMNS)}. Received: {args.csv!r} "
+                f"(missing column(s) {', '.join(missing)})"
             )
         source = args.csv
     frame = frame[list(REQUIRED_COLUMNS)].dropna()
@@ -732,8 +730,10 @@ def run(args):
     needed = args.window + 50
     if len(frame) < needed:
         raise InputError(
-            f"{source}: {len(frame)} usable rows, too few for a window of "
-            f"{args.window} days (needs at least {needed})"
+            f"argument --window: must leave at least 50 days after it in the "
+            f"data ({source}: {len(frame)} usable rows, too few for a window "
+            f"of {args.window} days, which needs at least {needed}). "
+            f"Received: {args.window!r}"
         )
     days = daily_series(frame)
     targets = days["date"][args.window:]
@@ -758,54 +758,52 @@ def run(args):
     return results, lines
 
 
+QUICK = {"epochs": 2, "seeds": 2, "learning_rates": [QUICK_LEARNING_RATE]}
+
+
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help=f"the last {QUICK_DAYS:,} days, 2 epochs, 2 "
-                        f"seeds, learning rate {QUICK_LEARNING_RATE:g}: a "
-                        "smoke run (overrides those options)")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress output from Keras")
-    parser.add_argument("--task", choices=("both", "returns", "volatility"),
-                        default="both", help="what to forecast")
-    parser.add_argument("--dataset", choices=("sp500", "nasdaq"),
+    parser = _cli.parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--task",
+                        type=_cli.one_of("both", "returns", "volatility"),
+                        default="both", help="what to forecast: both, "
+                        "returns or volatility")
+    parser.add_argument("--dataset", type=_cli.one_of("sp500", "nasdaq"),
                         default="sp500",
-                        help="bundled series to use when --csv is not given")
-    parser.add_argument("--csv", default=None,
+                        help="bundled series to use when --csv is not given: "
+                        "sp500 or nasdaq")
+    parser.add_argument("--csv", type=_cli.existing_file, default=None,
                         help="CSV with Date, Open, High, Low, Close, Volume")
-    parser.add_argument("--out", default=os.path.join("out", "stock_series"),
-                        help="folder for results, plots and models")
-    parser.add_argument("--window", type=_cli.positive_int, default=20,
-                        help="days of history in each input")
-    parser.add_argument("--units", type=_cli.positive_int, default=16,
-                        help="units of each LSTM")
-    parser.add_argument("--epochs", type=_cli.positive_int, default=20,
-                        help="maximum epochs (early stopping on validation)")
-    parser.add_argument("--batch-size", type=_cli.positive_int, default=64,
-                        help="training batch size")
+    integers = (
+        ("--window", 20, "days of history in each input"),
+        ("--units", 16, "units of each LSTM"),
+        ("--epochs", 20, "maximum epochs (early stopping on validation)"),
+        ("--batch-size", 64, "training batch size"),
+        ("--seeds", 5, "seeds per network and learning rate for the "
+         "volatility task"),
+    )
+    for option, default, text in integers:
+        parser.add_argument(option, type=_cli.positive_int, default=default,
+                            help=f"{text}, a positive integer")
     parser.add_argument("--learning-rate", type=_cli.rate, default=1e-3,
-                        help="Adam learning rate for the return task")
+                        help="Adam learning rate for the return task, a "
+                        "finite number above 0")
     parser.add_argument("--learning-rates", type=_cli.rate, nargs="+",
                         default=[1e-3, 1e-2, 1e-1],
-                        help="Adam learning rates for the volatility task")
-    parser.add_argument("--seeds", type=_cli.positive_int, default=5,
-                        help="seeds per network and learning rate for the "
-                        "volatility task")
-    parser.add_argument("--seed", type=_cli.non_negative_int, default=0,
-                        help="first random seed")
+                        help="Adam learning rates for the volatility task, "
+                        "finite numbers above 0")
+    _cli.add_common(
+        parser, quick=QUICK, quick_help=f"the last {QUICK_DAYS:,} days",
+        out=os.path.join("out", "stock_series"),
+        seed_help="first random seed",
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs, args.seeds = 2, 2
-        args.learning_rates = [QUICK_LEARNING_RATE]
     args.learning_rates = sorted(set(args.learning_rates))
     return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _cli.import_keras()
     start = time.time()
     try:
         os.makedirs(args.out, exist_ok=True)
@@ -813,14 +811,17 @@ def main(argv=None):
     except InputError as error:
         print(f"stock_series.py: error: {error}", file=sys.stderr)
         sys.exit(2)
+    if args.quick:
+        lines = [_cli.QUICK_NOTE, ""] + lines
     text = "\n".join(lines + [f"Run time {time.time() - start:.0f} s."])
     print()
     print(text)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=2)
+        json.dump(results, f, indent=2, default=str)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -25,14 +25,19 @@ Usage:
         --model out/text_generation/bnlstm.keras --prompt "The import"
 """
 
-import argparse
 import json
 import math
 import os
 import sys
 import time
 
+import _cli
+
+_cli.quiet_tensorflow()
+
 SEQUENCE_LENGTH = 100
+QUICK = {"epochs": 1, "units": 64, "length": 80}
+QUICK_CHARACTERS = 60000
 
 
 class InputError(Exception):
@@ -46,15 +51,14 @@ def load_text(args):
         return "\n\n".join(topics[key] for key in sorted(topics)), (
             "pydoc_data.topics"
         )
-    if not os.path.isfile(args.text_file):
-        raise InputError(f"--text-file {args.text_file}: no such file")
     with open(args.text_file, encoding="utf-8", errors="replace") as f:
         text = f.read()
     needed = 20 * (SEQUENCE_LENGTH + 1)
     if len(text) < needed:
         raise InputError(
-            f"--text-file {args.text_file}: {len(text)} characters, too "
-            f"short to train on (needs at least {needed})"
+            f"argument --text-file: must hold at least {needed} characters "
+            f"to train on. Received: {args.text_file!r} ({len(text)} "
+            "characters)"
         )
     return text, args.text_file
 
@@ -128,7 +132,8 @@ def sample(model, vocab, prompt, length, temperature, seed):
     unknown = sorted(set(prompt) - set(index))
     if unknown:
         raise InputError(
-            f"--prompt has characters the model never saw: {unknown!r}"
+            "argument --prompt: must use only characters the model was "
+            f"trained on. Received: {prompt!r} (unknown: {unknown!r})"
         )
     stream = stateful_copy(model)
     if keras.backend.backend() == "tensorflow":
@@ -154,7 +159,7 @@ def train(args):
 
     text, source = load_text(args)
     if args.quick:
-        text = text[:60000]
+        text = text[:QUICK_CHARACTERS]
     import keras
 
     import keras_bn
@@ -208,13 +213,15 @@ def report(curves, args, elapsed):
         f"{final['BNLSTM']:.3f}, LSTM {final['LSTM']:.3f} ({better} lower). "
         f"Run time {elapsed:.0f} s.",
     ]
+    if args.quick:
+        lines = [_cli.QUICK_NOTE, ""] + lines
     text = "\n".join(lines)
     print(text)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(text + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:
         json.dump({"bits_per_character": curves, "args": vars(args)}, f,
-                  indent=2)
+                  indent=2, default=str)
 
 
 def plot(curves, path):
@@ -236,15 +243,14 @@ def plot(curves, path):
 
 
 def generate(args):
-    if not os.path.isfile(args.model):
-        raise InputError(f"--model {args.model}: no such file")
     vocab_path = args.vocab or os.path.join(
         os.path.dirname(args.model), "vocab.json"
     )
     if not os.path.isfile(vocab_path):
         raise InputError(
-            f"--vocab {vocab_path}: no such file (it is written next to the "
-            "model by a training run)"
+            "argument --vocab: must be given, or vocab.json must be next to "
+            f"--model (a training run writes it there). Received: None, and "
+            f"{vocab_path!r} does not exist"
         )
     import keras
 
@@ -258,68 +264,54 @@ def generate(args):
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--quick", action="store_true",
-                        help="60,000 characters, 1 epoch, 64 units")
-    parser.add_argument("--quiet", action="store_true",
-                        help="no progress bar from Keras")
-    parser.add_argument("--text-file", default=None,
+    parser = _cli.parser(__doc__.split("\n\n")[0])
+    parser.add_argument("--text-file", type=_cli.existing_file, default=None,
                         help="train on this UTF-8 text instead of the "
                         "Python language reference")
-    parser.add_argument("--out", default=os.path.join("out", "text_generation"),
-                        help="folder for results, plot, models and vocab")
-    parser.add_argument("--units", type=int, default=128,
-                        help="units of each LSTM")
-    parser.add_argument("--epochs", type=int, default=10, help="epochs")
-    parser.add_argument("--batch-size", type=int, default=64,
-                        help="training batch size")
-    parser.add_argument("--learning-rate", type=float, default=3e-3,
-                        help="Adam learning rate")
-    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    integers = (
+        ("--units", 128, "units of each LSTM"),
+        ("--epochs", 10, "training epochs"),
+        ("--batch-size", 64, "training batch size"),
+        ("--length", 300, "characters to sample"),
+    )
+    for option, default, text in integers:
+        parser.add_argument(option, type=_cli.positive_int, default=default,
+                            help=f"{text}, a positive integer")
+    parser.add_argument("--learning-rate", type=_cli.rate, default=3e-3,
+                        help="Adam learning rate, a finite number above 0")
     parser.add_argument("--generate", action="store_true",
                         help="only sample from a saved model (--model)")
-    parser.add_argument("--model", default=None,
+    parser.add_argument("--model", type=_cli.existing_file, default=None,
                         help="saved .keras model to sample from")
-    parser.add_argument("--vocab", default=None,
-                        help="vocab.json of the model (default: next to it)")
-    parser.add_argument("--prompt", default="The ", help="text to continue")
-    parser.add_argument("--length", type=int, default=300,
-                        help="characters to sample")
-    parser.add_argument("--temperature", type=float, default=0.7,
-                        help="sampling temperature (lower is more "
-                        "conservative)")
+    parser.add_argument("--vocab", type=_cli.existing_file, default=None,
+                        help="vocab.json of the model (default: the one "
+                        "next to --model)")
+    parser.add_argument("--prompt", type=_cli.non_empty, default="The ",
+                        help="text to continue, not empty")
+    parser.add_argument("--temperature", type=_cli.rate, default=0.7,
+                        help="sampling temperature, a finite number above 0 "
+                        "(lower is more conservative)")
+    _cli.add_common(
+        parser, quick=QUICK,
+        quick_help=f"the first {QUICK_CHARACTERS:,} characters",
+        out=os.path.join("out", "text_generation"),
+        seed_help="seed for the weights, the shuffling and the sampling",
+    )
     args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs, args.units, args.length = 1, 64, 80
-    for name in ("units", "epochs", "batch_size", "length"):
-        if getattr(args, name) <= 0:
-            parser.error(
-                f"--{name.replace('_', '-')} must be a positive integer, "
-                f"got {getattr(args, name)}"
-            )
-    if args.temperature <= 0:
-        parser.error(f"--temperature must be positive, got {args.temperature}")
-    if args.learning_rate <= 0:
-        parser.error(
-            f"--learning-rate must be positive, got {args.learning_rate}"
-        )
     if args.generate and args.model is None:
-        parser.error("--generate needs --model PATH")
-    if not args.prompt:
-        parser.error("--prompt must not be empty")
+        parser.fail("--model", args.model, "a saved .keras model with "
+                    "--generate")
     return args
 
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    _cli.import_keras()
     start = time.time()
     try:
         if args.generate:
             generate(args)
-            return
+            return 0
         os.makedirs(args.out, exist_ok=True)
         curves, models, vocab = train(args)
         report(curves, args, time.time() - start)
@@ -329,8 +321,9 @@ def main(argv=None):
                      args.temperature, args.seed))
     except InputError as error:
         print(f"text_generation.py: error: {error}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

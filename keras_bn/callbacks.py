@@ -1,5 +1,7 @@
 """Callbacks for batch normalization during `fit`."""
 
+import collections.abc
+
 import keras
 
 from keras_bn import _validation
@@ -26,11 +28,16 @@ class PreciseBN(keras.callbacks.Callback):
     a `ValueError` when training begins. It works on every Keras backend.
 
     Args:
-        data: The batches: an iterable of batches that can be iterated
-            again every time (a generator cannot), such as a
-            `keras.utils.PyDataset`, a `tf.data.Dataset` (where TensorFlow
-            is installed) or a PyTorch `DataLoader`, or a NumPy array cut
-            into batches of `batch_size`. `(x, y)` batches use `x`.
+        data: The data, read as `model.fit` reads it, of which only the
+            inputs `x` are used (see `keras_bn.recompute_statistics`): an
+            array or tensor, a tuple `(x, y)` or `(x, y, sample_weight)`
+            of them, or a list of arrays for a multi-input model, cut into
+            batches of `batch_size`; or an iterable of batches that can be
+            iterated again every time, such as a `keras.utils.PyDataset`,
+            a `tf.data.Dataset` (where TensorFlow is installed) or a
+            PyTorch `DataLoader`. A generator (or any iterator) can be read
+            only once, so it needs `steps`: each pass takes the next
+            `steps` batches from it.
         steps: Positive integer, the number of batches to use each time, or
             `None` for all of `data`. Defaults to `None`.
         every_n_epochs: Positive integer, how often to recompute. Defaults
@@ -76,6 +83,7 @@ class PreciseBN(keras.callbacks.Callback):
         _validation.integer("every_n_epochs", every_n_epochs, 1)
         _validation.integer("batch_size", batch_size, 1)
         _validation.choice("verbose", verbose, (0, 1))
+        _check_reusable(data, steps)
         self.data = data
         self.steps = steps
         self.every_n_epochs = int(every_n_epochs)
@@ -125,3 +133,16 @@ class PreciseBN(keras.callbacks.Callback):
             verbose=self.verbose,
         )
         self._recomputed_epoch = epoch
+
+
+def _check_reusable(data, steps):
+    """Refuses an iterator without `steps`: its first pass would end it."""
+    if isinstance(data, collections.abc.Iterator) and steps is None:
+        raise ValueError(
+            "Argument `data` is a generator or iterator, which can be read "
+            "only once, so the callback needs `steps`, the number of "
+            "batches to take from it at each pass. Pass `steps`, or data "
+            "that can be iterated again (an array, a `keras.utils."
+            "PyDataset`, a `tf.data.Dataset`, a `DataLoader`). Received: "
+            f"data={data!r} with steps=None"
+        )

@@ -1,6 +1,7 @@
 """Converting a model's core batch normalization to keras_bn layers."""
 
 import inspect
+import logging
 import warnings
 
 import keras
@@ -11,6 +12,8 @@ from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.batch_renormalization import BatchRenormalization
 from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
+
+_LOG = logging.getLogger(__name__)
 
 _RENORM_KEYS = ("renorm", "renorm_clipping", "renorm_momentum")
 # The base layer's arguments in every layer's config.
@@ -41,8 +44,7 @@ def convert_batch_normalization(
     (`gamma`, `beta`, `moving_mean`, `moving_variance`), `kwargs`
     overriding or adding arguments; every other layer is copied unchanged,
     with its weights, and every operation of a functional model that is not
-    a layer (such as `x + y` on the model's tensors) is copied as it is. A
-    model without core batch normalization comes back as an equal copy.
+    a layer (such as `x + y` on the model's tensors) is copied as it is.
     For `keras_bn.BatchRenormalization` the renormalization statistics
     start from the moving ones
     (`moving_stddev = renorm_stddev = sqrt(moving_variance + epsilon)`,
@@ -58,6 +60,14 @@ def convert_batch_normalization(
     pretrained network, such as a `keras.applications` model, with them.
     The copy is not compiled; `trainable` flags are kept. Conversion works
     on every Keras backend.
+
+    Each layer converted, and each batch normalization left as it is with
+    the reason (already a keras_bn layer, say), is logged at the `INFO`
+    level to the `keras_bn.conversion` logger
+    (`logging.basicConfig(level=logging.INFO)` shows it). A model with
+    nothing to convert raises a `ValueError`, as `recompute_statistics`
+    and `fold_batch_normalization` do for a model without batch
+    normalization: an unchanged copy would hide the mistake.
 
     The default class, `keras_bn.BatchNormalization`, trains exactly as
     core Keras does until `kwargs` ask for more, so converting on its own
@@ -138,12 +148,11 @@ def convert_batch_normalization(
             "Argument `model` must be a built Sequential or Functional "
             f"model. Received: model={model!r}"
         )
+    _check_something_to_convert(model, layer_class, freezing)
     copies = []
 
     def clone_function(layer):
-        if type(layer) is keras.layers.BatchNormalization or (
-            freezing and isinstance(layer, BatchNormalization)
-        ):
+        if _converts(layer, freezing):
             config = layer.get_config()
             if freezing:
                 config = _frozen_arguments(config, layer_class)
@@ -158,7 +167,12 @@ def convert_batch_normalization(
             # The constructor, not `from_config`, so that a bad argument
             # raises the layer's own `ValueError`.
             new = target(**{**config, **kwargs})
+            _LOG.info(
+                "%s: %s converted to keras_bn.%s", layer.name,
+                type(layer).__name__, target.__name__,
+            )
         else:
+            _log_left(layer, layer_class)
             new = _graph.copy_node(layer)
         copies.append((layer, new))
         return new
@@ -184,6 +198,53 @@ def convert_batch_normalization(
             if isinstance(new, FrozenBatchNormalization)
         )
     return new_model
+
+
+def _converts(layer, freezing):
+    """Whether `layer` becomes a new layer: core BN, or any BN to freeze."""
+    return type(layer) is keras.layers.BatchNormalization or (
+        freezing and isinstance(layer, BatchNormalization)
+    )
+
+
+def _check_something_to_convert(model, layer_class, freezing):
+    if not any(
+        _converts(layer, freezing)
+        for layer in model._flatten_layers(include_self=False)
+    ):
+        what = (
+            "a batch normalization to freeze (keras.layers."
+            "BatchNormalization or a keras_bn layer other than "
+            "FrozenBatchNormalization"
+            if freezing
+            else "a keras.layers.BatchNormalization to convert (keras_bn "
+            "layers are left as they are"
+        )
+        raise ValueError(
+            f"Argument `model` must hold {what}, nested ones included); it "
+            f"has none, so there is nothing to convert to "
+            f"{layer_class.__name__}. Received: model={model!r}"
+        )
+
+
+def _log_left(layer, layer_class):
+    """Logs why a batch normalization `layer` is copied unchanged."""
+    if isinstance(layer, FrozenBatchNormalization):
+        reason = "already frozen"
+    elif isinstance(layer, BatchNormalization):
+        reason = (
+            f"already keras_bn.{type(layer).__name__}; only core Keras "
+            f"layers become {layer_class.__name__}"
+        )
+    elif isinstance(layer, keras.layers.BatchNormalization):
+        reason = (
+            f"a subclass of keras.layers.BatchNormalization "
+            f"({type(layer).__name__}), whose own behaviour a conversion "
+            "would drop"
+        )
+    else:
+        return
+    _LOG.info("%s: left as it is: %s", layer.name, reason)
 
 
 def _frozen_arguments(config, layer_class):

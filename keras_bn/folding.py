@@ -1,5 +1,7 @@
 """Folding batch normalization into the preceding layer for inference."""
 
+import logging
+
 import keras
 import numpy as np
 
@@ -7,6 +9,8 @@ from keras_bn import _graph
 from keras_bn import _statistics
 from keras_bn.batch_normalization import BatchNormalization
 from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
+
+_LOG = logging.getLogger(__name__)
 
 # The layers a following batch normalization can be folded into: each
 # computes `x @ kernel + bias` (or a convolution) with one output channel per
@@ -47,6 +51,16 @@ def fold_batch_normalization(model):
     models are folded the same way. Core layers with `renorm=True` are left
     as they are.
 
+    Each batch normalization folded, and each one left with the reason
+    (for instance `bn_3: not folded: after Dense 'dense_2' with activation
+    'relu', which comes between`), is logged at the `INFO` level to the
+    `keras_bn.folding` logger (`logging.basicConfig(level=logging.INFO)`
+    shows it). A model without any batch normalization raises a
+    `ValueError`, as `recompute_statistics` and
+    `convert_batch_normalization` do: folding it is a mistake that an
+    unchanged copy would let pass. A model whose batch normalizations can
+    all not be folded is copied, and the log says why for each.
+
     The copy is for inference: in inference mode its outputs equal the
     original's up to float rounding (the folded weights are computed in
     float64), while in training mode it no longer normalizes. It is not
@@ -83,10 +97,26 @@ def fold_batch_normalization(model):
             "Argument `model` must be a built Sequential or Functional "
             f"model. Received: model={model!r}"
         )
+    if not any(
+        _is_any_batch_normalization(layer)
+        for layer in model._flatten_layers(include_self=False)
+    ):
+        raise ValueError(
+            "Argument `model` must hold a batch normalization to fold "
+            "(keras.layers.BatchNormalization or a keras_bn layer, nested "
+            f"ones included); it has none. Received: model={model!r}"
+        )
+    return _fold(model, prefix="")
+
+
+def _fold(model, prefix):
+    """`fold_batch_normalization` for a model checked already."""
     if isinstance(model, keras.Sequential):
-        pairs = _sequential_pairs(model)
+        pairs, left = _sequential_pairs(model)
     else:
-        pairs = _functional_pairs(model)
+        pairs, left = _functional_pairs(model)
+    for bn, reason in left:
+        _LOG.info("%s%s: not folded: %s", prefix, bn.name, reason)
     folded_bn = {id(bn) for _, bn in pairs}
     producers = {id(producer): bn for producer, bn in pairs}
     folded = []
@@ -94,7 +124,7 @@ def fold_batch_normalization(model):
 
     def clone_function(layer):
         if _graph.is_graph_model(layer):
-            inner, inner_folded = fold_batch_normalization(layer)
+            inner, inner_folded = _fold(layer, f"{prefix}{layer.name}/")
             folded.extend(
                 (f"{layer.name}/{a}", f"{layer.name}/{b}")
                 for a, b in inner_folded
@@ -107,6 +137,10 @@ def fold_batch_normalization(model):
             new = layer.__class__.from_config(config)
             copies.append((new, _folded_weights(layer, bn)))
             folded.append((layer.name, bn.name))
+            _LOG.info(
+                "%s%s: folded into %s %r", prefix, bn.name,
+                type(layer).__name__, layer.name,
+            )
             return new
         new = _graph.copy_node(layer)
         if isinstance(layer, keras.layers.Layer):
@@ -150,35 +184,71 @@ def fold_batch_normalization(model):
 
 
 def _sequential_pairs(model):
+    """`([(producer, bn)], [(bn, reason)])`: pairs to fold, and the left."""
+    pairs, left = [], []
     layers = model.layers
-    return [
-        (producer, bn)
-        for producer, bn in zip(layers[:-1], layers[1:])
-        if _foldable(producer, bn)
-    ]
+    for index, bn in enumerate(layers):
+        if not _is_any_batch_normalization(bn):
+            continue
+        if index == 0:
+            reason = "it is the first layer: nothing before it to fold into"
+        else:
+            reason = _why_not_foldable(layers[index - 1], bn)
+        if reason is None:
+            pairs.append((layers[index - 1], bn))
+        else:
+            left.append((bn, reason))
+    return pairs, left
 
 
 def _functional_pairs(model):
+    """`([(producer, bn)], [(bn, reason)])`: pairs to fold, and the left."""
     outputs = {id(t) for t in model.outputs}
-    pairs = []
+    pairs, left = [], []
     for bn in model.layers:
-        # Keras 3 keeps the call graph only in these node lists.
-        if not _is_batch_normalization(bn) or len(bn._inbound_nodes) != 1:
+        if not _is_any_batch_normalization(bn):
             continue
-        parents = bn._inbound_nodes[0].parent_nodes
-        if len(parents) != 1:
-            continue
-        producer = parents[0].operation
-        if (
-            len(producer._inbound_nodes) == 1
-            and len(producer._outbound_nodes) == 1
-            and not any(
-                id(t) in outputs for t in producer._inbound_nodes[0].outputs
-            )
-            and _foldable(producer, bn)
-        ):
-            pairs.append((producer, bn))
-    return pairs
+        reason = _why_not_in_graph(bn, outputs)
+        if reason is None:
+            pairs.append((bn._inbound_nodes[0].parent_nodes[0].operation, bn))
+        else:
+            left.append((bn, reason))
+    return pairs, left
+
+
+def _why_not_in_graph(bn, outputs):
+    """Why `bn` of a Functional model cannot be folded, or `None`."""
+    # Keras 3 keeps the call graph only in these node lists.
+    if len(bn._inbound_nodes) != 1:
+        return f"it is called {len(bn._inbound_nodes)} times"
+    parents = bn._inbound_nodes[0].parent_nodes
+    if len(parents) != 1:
+        return "it does not read the output of one layer"
+    producer = parents[0].operation
+    if isinstance(producer, keras.layers.InputLayer):
+        return "it reads a model input: nothing before it to fold into"
+    described = _describe(producer)
+    if len(producer._inbound_nodes) != 1:
+        return (
+            f"after {described}, which is called "
+            f"{len(producer._inbound_nodes)} times"
+        )
+    if len(producer._outbound_nodes) != 1:
+        return f"after {described}, whose output other layers read too"
+    if any(id(t) in outputs for t in producer._inbound_nodes[0].outputs):
+        return f"after {described}, whose output is a model output too"
+    return _why_not_foldable(producer, bn)
+
+
+def _is_any_batch_normalization(layer):
+    return isinstance(
+        layer,
+        (
+            keras.layers.BatchNormalization,
+            BatchNormalization,
+            FrozenBatchNormalization,
+        ),
+    )
 
 
 def _is_batch_normalization(layer):
@@ -189,22 +259,44 @@ def _is_batch_normalization(layer):
     )
 
 
-def _foldable(producer, bn):
-    if type(producer) not in _FOLDABLE_TYPES or not _is_batch_normalization(
-        bn
-    ):
-        return False
+def _describe(layer):
+    return f"{type(layer).__name__} {layer.name!r}"
+
+
+def _why_not_foldable(producer, bn):
+    """Why `bn` cannot be folded into `producer`, or `None`."""
+    if not _is_batch_normalization(bn):
+        if getattr(bn, "renorm", False):
+            return "a core BatchNormalization with renorm=True"
+        return f"{type(bn).__name__} is not a batch normalization it folds"
+    described = _describe(producer)
+    if type(producer) not in _FOLDABLE_TYPES:
+        return (
+            f"after {described}, not a Dense, Conv1D, Conv2D, Conv3D or "
+            "DepthwiseConv2D layer"
+        )
     config = producer.get_config()
-    if config.get("activation") != "linear" or config.get("lora_rank"):
-        return False
+    activation = config.get("activation")
+    if activation != "linear":
+        return (
+            f"after {described} with activation {activation!r}, which "
+            "comes between"
+        )
+    if config.get("lora_rank"):
+        return f"after {described}, which has LoRA weights"
     if getattr(producer, "quantization_mode", None) is not None:
-        return False
+        return f"after {described}, which is quantized"
     rank = bn.input_spec.ndim
     channel_axis = (
         1 if config.get("data_format") == "channels_first" else rank - 1
     )
     axes = bn.axis if isinstance(bn.axis, (list, tuple)) else [bn.axis]
-    return sorted(a % rank for a in axes) == [channel_axis]
+    if sorted(a % rank for a in axes) != [channel_axis]:
+        return (
+            f"it normalizes axis {bn.axis!r}, not only the channel axis "
+            f"{channel_axis} of {described}"
+        )
+    return None
 
 
 def _folded_weights(producer, bn):

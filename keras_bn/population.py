@@ -1,15 +1,17 @@
 """Population statistics recomputed with frozen weights (PreciseBN)."""
 
-import math
-import sys
+import logging
 
 import keras
 import numpy as np
 
-from keras_bn import _graph
+from keras_bn import _data
 from keras_bn import _statistics
 from keras_bn import _validation
 from keras_bn.batch_normalization import BatchNormalization
+from keras_bn.frozen_batch_normalization import FrozenBatchNormalization
+
+_LOG = logging.getLogger(__name__)
 
 # Layers whose moving statistics are updated in training as
 # `moving = moving * momentum + batch_statistic * (1 - momentum)`, with the
@@ -21,6 +23,11 @@ _LAYER_TYPES = (keras.layers.BatchNormalization, BatchNormalization)
 # The method through which a layer that counts its updates row by row (per
 # time step, say) takes part; see `recompute_statistics`.
 _ROWS_METHOD = "population_statistics"
+
+# How the data is read: `keras_bn._data` says the rule.
+_batches = _data.batches
+_num_batches = _data.num_batches
+_check_input_shape = _data.check_input_shape
 
 
 def recompute_statistics(
@@ -80,17 +87,27 @@ def recompute_statistics(
     A model without batch normalization (no layer above, and none with
     `population_statistics()`) raises a `ValueError` rather than returning
     with nothing done, since recomputing its statistics is a mistake that a
-    warning would let pass. So does a first batch whose shape does not fit
-    the model's input, before anything runs.
+    warning would let pass; `convert_batch_normalization` and
+    `fold_batch_normalization` follow the same rule. So does a first batch
+    whose shape does not fit the model's input, before anything runs.
+    What was recomputed, and which layers were left and why
+    (`keras_bn.FrozenBatchNormalization`, whose statistics are fixed), is
+    logged at the `INFO` level to the `keras_bn.population` logger
+    (`logging.basicConfig(level=logging.INFO)` shows it).
 
     Args:
         model: A built Keras model (or layer).
-        data: The batches: a `keras.utils.PyDataset`, an iterable or
-            generator of batches, a `tf.data.Dataset` (where TensorFlow is
-            installed, on any backend), a PyTorch `DataLoader`, or an array
-            or tensor (or a dict of them, for named inputs) cut into batches
-            of `batch_size`. A batch given as `(x, y)` or
-            `(x, y, sample_weight)` uses `x`.
+        data: The data, read as `model.fit` reads it, of which only the
+            inputs `x` are used: an array or tensor (or a dict of them, for
+            named inputs) cut into batches of `batch_size`; a tuple
+            `(x, y)` or `(x, y, sample_weight)` of them, whose `x` is cut
+            into batches; a list of arrays, the inputs of a model with as
+            many; or the batches themselves: a `keras.utils.PyDataset`, a
+            `tf.data.Dataset` (where TensorFlow is installed, on any
+            backend), a PyTorch `DataLoader`, a generator or a list, each
+            batch `x`, `(x, y)` or `(x, y, sample_weight)`. A tuple of as
+            many arrays as a multi-input model has inputs could be either
+            and raises a `ValueError`: pass the inputs as a list.
         steps: Positive integer, the number of batches to use, or `None` for
             all of `data` (which must then be finite). Defaults to `None`.
         batch_size: Positive integer, the batch size for NumPy `data`.
@@ -149,6 +166,7 @@ def recompute_statistics(
 
     trainable = [layer.trainable for layer in bn_layers + row_layers]
     forward = _forward(model, jit_compile)
+    data = _data.model_data(model, data)
     target = _num_batches(data, batch_size)
     if target is None or (steps is not None and steps < target):
         target = steps
@@ -188,6 +206,7 @@ def recompute_statistics(
             "Argument `data` gave no batch, so no statistics were "
             f"recomputed. Received: data={data!r}"
         )
+    _log_report(model, bn_layers, row_layers, count)
     return count
 
 
@@ -220,6 +239,26 @@ def statistics_layers(model):
     return bn_layers, row_layers
 
 
+def _log_report(model, bn_layers, row_layers, count):
+    """Logs the layers recomputed and those left, with the reason."""
+    if not _LOG.isEnabledFor(logging.INFO):
+        return
+    done = {id(layer) for layer in bn_layers + row_layers}
+    for layer in bn_layers + row_layers:
+        _LOG.info(
+            "%s: statistics recomputed over %d batch(es)", layer.name, count
+        )
+    for layer in _flatten(model):
+        if id(layer) not in done and isinstance(
+            layer, FrozenBatchNormalization
+        ):
+            _LOG.info(
+                "%s: FrozenBatchNormalization, left as it is: its "
+                "statistics are fixed",
+                layer.name,
+            )
+
+
 def check_jit_compile(jit_compile):
     """`jit_compile` as a bool, or a `ValueError` if it cannot be honoured."""
     jit_compile = _validation.boolean("jit_compile", jit_compile)
@@ -231,65 +270,6 @@ def check_jit_compile(jit_compile):
             f"is {name}. Use `jit_compile=False`. Received: jit_compile=True"
         )
     return jit_compile
-
-
-def _check_input_shape(model, x, data):
-    """Raises a short error when batch `x` does not fit `model`'s input.
-
-    Only for Sequential and Functional models, whose inputs are known, and
-    only when `x` has as many arrays as the model has inputs; anything else
-    is left to the model.
-    """
-    if not _graph.is_graph_model(model):
-        return
-    try:
-        # A Sequential model's `input` exists only once it was called.
-        if isinstance(model, keras.Sequential):
-            inputs = model.inputs
-        else:
-            inputs = model.input
-    except (AttributeError, ValueError):
-        return
-    if isinstance(inputs, dict) and isinstance(x, dict):
-        if set(inputs) != set(x):
-            return
-        pairs = [(inputs[key], x[key]) for key in inputs]
-    else:
-        inputs, x = keras.tree.flatten(inputs), keras.tree.flatten(x)
-        if len(inputs) != len(x):
-            return
-        pairs = list(zip(inputs, x))
-    for spec, array in pairs:
-        shape = getattr(array, "shape", None)
-        if shape is None:
-            continue
-        shape = tuple(None if d is None else int(d) for d in shape)
-        want = tuple(spec.shape)
-        fits = len(shape) == len(want) and all(
-            w is None or d is None or w == d for w, d in zip(want, shape)
-        )
-        if not fits:
-            name = f" `{spec.name}`" if len(pairs) > 1 else ""
-            raise ValueError(
-                "Argument `data` must give batches that fit the model's "
-                f"input{name} of shape {want}, where None is any size. "
-                f"Received: data (a {type(data).__name__}) whose first "
-                f"batch has shape {shape!r}"
-            )
-
-
-def _num_batches(data, batch_size):
-    """The number of batches in `data`, or `None` when it is not known."""
-    if isinstance(data, dict) or _is_array(data):
-        size = len(keras.tree.flatten(data)[0])
-        return math.ceil(size / batch_size)
-    if _is_tf_dataset(data):
-        cardinality = int(data.cardinality())
-        return cardinality if cardinality >= 0 else None
-    try:
-        return len(data)
-    except TypeError:
-        return None
 
 
 def _flatten(model):
@@ -425,29 +405,13 @@ def _population(layer):
     ]
 
 
-def _batches(data, batch_size):
-    if isinstance(data, dict) or _is_array(data):
-        # An array, or a dict of arrays for a model with named inputs.
-        size = len(keras.tree.flatten(data)[0])
-        for start in range(0, size, batch_size):
-            yield keras.tree.map_structure(
-                lambda a, start=start: a[start : start + batch_size], data
-            )
-        return
-    for batch in data:
-        x, _, _ = keras.utils.unpack_x_y_sample_weight(batch)
-        yield _foreign_to_numpy(x)
-
-
 def _forward(model, jit_compile):
     """A function that runs `model` on a batch in training mode.
 
     TensorFlow runs it as a `tf.function` (compiled with XLA when
     `jit_compile`), JAX as one `jax.jit`-compiled stateless call whose new
     state is written back to the variables, and PyTorch eagerly without
-    recording gradients. `extra_variables` are variables outside `model`
-    that its layers read (the averaging momentum): JAX must see them as
-    inputs, not as constants of the compiled function.
+    recording gradients.
     """
     name = keras.backend.backend()
     if name == "tensorflow":
@@ -511,52 +475,3 @@ def _unique(variables):
 
 def _numpy(variable):
     return keras.ops.convert_to_numpy(variable)
-
-
-def _is_tf_dataset(data):
-    # TensorFlow is imported by whoever made a `tf.data.Dataset`; keras_bn
-    # does not import it on other backends.
-    tf = sys.modules.get("tensorflow")
-    return tf is not None and isinstance(data, tf.data.Dataset)
-
-
-def _framework(value):
-    """`"tensorflow"` or `"torch"` for a tensor of theirs, else `None`.
-
-    Neither is imported here: a tensor of one exists only once its user
-    imported it.
-    """
-    tf = sys.modules.get("tensorflow")
-    if tf is not None and tf.is_tensor(value):
-        return "tensorflow"
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(value, torch.Tensor):
-        return "torch"
-    return None
-
-
-def _foreign_to_numpy(x):
-    """`x` with TensorFlow and PyTorch tensors of another backend as NumPy.
-
-    A `tf.data.Dataset` or a PyTorch `DataLoader` gives its own tensors,
-    which other backends' compiled functions do not take.
-    """
-    backend_name = keras.backend.backend()
-
-    def convert(value):
-        framework = _framework(value)
-        if framework is None or framework == backend_name:
-            return value
-        if framework == "torch":
-            return value.detach().cpu().numpy()
-        return value.numpy()
-
-    return keras.tree.map_structure(convert, x)
-
-
-def _is_array(data):
-    return (
-        isinstance(data, np.ndarray)
-        or keras.ops.is_tensor(data)
-        or _framework(data) is not None
-    )

@@ -57,6 +57,33 @@ class CountingBatches:
         return iter(self.batches)
 
 
+class XYBatches(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        window = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[window], self.y[window]
+
+
+def cycle(x, y, batch_size):
+    """An endless generator of `(x, y)` batches."""
+    while True:
+        for i in range(0, len(x), batch_size):
+            yield x[i : i + batch_size], y[i : i + batch_size]
+
+
+def tf_data():
+    tf = pytest.importorskip(
+        "tensorflow", reason="needs TensorFlow: tf.data is TensorFlow's"
+    )
+    return tf.data
+
+
 class PreciseBNTest(test_case.LayerTestCase):
     def assert_precise(self, model, x, batch_size):
         mean, variance = batch_statistics(model, x, batch_size)
@@ -117,6 +144,53 @@ class PreciseBNTest(test_case.LayerTestCase):
                   validation_data=(x, y), verbose=0)
         self.assertEqual(batches.passes, passes)
         self.assert_precise(model, x, 16)
+
+    @parameterized.named_parameters(
+        ("array", lambda x, y: x, {}),
+        ("x_y", lambda x, y: (x, y), {}),
+        ("x_y_sample_weight", lambda x, y: (x, y, np.ones(len(x))), {}),
+        ("py_dataset", lambda x, y: XYBatches(x, y, 16), {}),
+        ("tf_data_x_y", lambda x, y: tf_data().Dataset.from_tensor_slices(
+            (x, y)).batch(16), {}),
+        # Any 4 consecutive batches of the cycle are the 4 batches of x.
+        ("generator", lambda x, y: cycle(x, y, 16), {"steps": 4}),
+    )
+    def test_data_as_fit_takes_it(self, make_data, kwargs):
+        model = make_model()
+        x, y = data()
+        callback = keras_bn.callbacks.PreciseBN(
+            make_data(x, y), batch_size=16, **kwargs
+        )
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback],
+                  verbose=0)
+        self.assert_precise(model, x, 16)
+
+    @pytest.mark.skipif(
+        keras.backend.backend() != "torch",
+        reason="a DataLoader's tensors are PyTorch's: tested on the torch "
+        "backend",
+    )
+    def test_torch_data_loader(self):
+        import torch
+
+        model = make_model()
+        x, y = data()
+        loader = torch.utils.data.DataLoader(
+            torch.utils.data.TensorDataset(
+                torch.from_numpy(x), torch.from_numpy(y)
+            ),
+            batch_size=16,
+        )
+        callback = keras_bn.callbacks.PreciseBN(loader)
+        model.fit(x, y, batch_size=16, epochs=2, callbacks=[callback],
+                  verbose=0)
+        self.assert_precise(model, x, 16)
+
+    def test_generator_needs_steps(self):
+        x, y = data()
+        with pytest.raises(ValueError, match="needs `steps`") as error:
+            keras_bn.callbacks.PreciseBN(cycle(x, y, 16))
+        self.assertIn("with steps=None", str(error.value))
 
     def test_steps(self):
         model = make_model()

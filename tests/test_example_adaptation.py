@@ -57,4 +57,5 @@ def test_too_few_test_digits_is_a_one_line_error():
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("adaptation.py: error: --train-size")
+    assert last.startswith("adaptation.py: error: argument --train-size: ")
+    assert last.endswith("Received: 1700")

@@ -94,7 +94,9 @@ def test_bad_input_exits_2_with_one_line():
         short = os.path.join(tmp, "short.csv")
         _write_csv(short, 30)
         cases = [
-            (["--csv", missing], f"--csv {missing}: no such file"),
+            (["--csv", missing],
+             f"argument --csv: must be an existing file. Received: "
+             f"{missing!r}"),
             (["--csv", no_volume], "missing column(s) Volume"),
             (["--csv", short], "too few for a window of 20 days"),
         ]

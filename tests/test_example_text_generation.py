@@ -34,6 +34,9 @@ def test_quick_run_then_generate_from_the_saved_model():
     with tempfile.TemporaryDirectory() as tmp:
         result = _run("--quick", "--quiet", "--out", tmp)
         assert result.returncode == 0, result.stderr[-3000:]
+        # Its numbers mean nothing, and the output says so above them.
+        assert "numbers mean nothing" in result.stdout
+        assert "cuInit" not in result.stderr
         with open(os.path.join(tmp, "results.json")) as f:
             curves = json.load(f)["bits_per_character"]
         assert set(curves) == {"BNLSTM", "LSTM"}
@@ -61,12 +64,23 @@ def test_bad_input_exits_2_with_one_line():
         open(empty, "w").close()
         missing = os.path.join(tmp, "missing.txt")
         cases = [
-            (["--text-file", missing], f"--text-file {missing}: no such file"),
-            (["--text-file", empty], "0 characters, too short"),
-            (["--generate"], "--generate needs --model PATH"),
+            (["--text-file", missing],
+             f"argument --text-file: must be an existing file. Received: "
+             f"{missing!r}"),
+            (["--text-file", empty],
+             f"argument --text-file: must hold at least 2020 characters to "
+             f"train on. Received: {empty!r} (0 characters)"),
+            (["--generate"],
+             "argument --model: must be a saved .keras model with "
+             "--generate. Received: None"),
             (["--generate", "--model", missing],
-             f"--model {missing}: no such file"),
-            (["--temperature", "0"], "--temperature must be positive"),
+             f"argument --model: must be an existing file. Received: "
+             f"{missing!r}"),
+            (["--temperature", "0"],
+             "argument --temperature: must be a finite number above 0. "
+             "Received: '0'"),
+            (["--quick", "--epochs", "0"],
+             "argument --epochs: must be a positive integer. Received: '0'"),
         ]
         for args, message in cases:
             result = _run(*args, "--out", tmp, timeout=120)

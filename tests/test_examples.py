@@ -5,8 +5,10 @@ import contextlib
 import importlib.util
 import io
 import math
+import os
 import pathlib
 import re
+import subprocess
 import sys
 import tempfile
 from unittest import mock
@@ -56,15 +58,26 @@ def parse_error(name, argv):
     return end.value.code, stderr.getvalue()
 
 
-# One bad value for every numeric option of every example this file covers
-# (text_generation.py has its own tests).
+EXAMPLE_NAMES = (
+    "quickstart", "small_batch_renorm", "fine_tuning", "adaptation",
+    "stock_series", "text_generation",
+)
+# An existing file, which no --out may be.
+A_FILE = str(EXAMPLES / "_cli.py")
+MISSING = str(EXAMPLES / "no_such_file.txt")
+
+# One bad value for every option of every example that takes a value:
+# each is refused whatever else is given, `--quick` included.
 BAD_ARGUMENTS = (
     ("quickstart", "--epochs", "0"),
     ("quickstart", "--learning-rate", "nan"),
     ("quickstart", "--batch-size", "-32"),
     ("quickstart", "--seed", "-3"),
+    ("quickstart", "--out", A_FILE),
     ("small_batch_renorm", "--steps", "-5"),
     ("small_batch_renorm", "--seeds", "0"),
+    ("small_batch_renorm", "--seed", "-1"),
+    ("small_batch_renorm", "--out", A_FILE),
     ("fine_tuning", "--seed", "-1"),
     ("fine_tuning", "--seeds", "0"),
     ("fine_tuning", "--pretrain-size", "1.5"),
@@ -75,6 +88,7 @@ BAD_ARGUMENTS = (
     ("fine_tuning", "--fine-tune-epochs", "0"),
     ("fine_tuning", "--fine-tune-batch-size", "0"),
     ("fine_tuning", "--fine-tune-learning-rate", "-0.001"),
+    ("fine_tuning", "--out", A_FILE),
     ("adaptation", "--seed", "-1"),
     ("adaptation", "--seeds", "0"),
     ("adaptation", "--train-size", "1.5"),
@@ -91,6 +105,10 @@ BAD_ARGUMENTS = (
     ("adaptation", "--contrast", "inf"),
     ("adaptation", "--brightness", "-0.1"),
     ("adaptation", "--noise", "loud"),
+    ("adaptation", "--out", A_FILE),
+    ("stock_series", "--task", "prices"),
+    ("stock_series", "--dataset", "dow"),
+    ("stock_series", "--csv", MISSING),
     ("stock_series", "--window", "0"),
     ("stock_series", "--units", "-16"),
     ("stock_series", "--epochs", "0"),
@@ -98,7 +116,27 @@ BAD_ARGUMENTS = (
     ("stock_series", "--learning-rate", "0"),
     ("stock_series", "--learning-rates", "inf"),
     ("stock_series", "--seeds", "0"),
-    ("stock_series", "--seed", "-1"),
+    ("stock_series", "--seed", "2147483648"),
+    ("stock_series", "--out", A_FILE),
+    ("text_generation", "--text-file", MISSING),
+    ("text_generation", "--units", "-1"),
+    ("text_generation", "--epochs", "0"),
+    ("text_generation", "--batch-size", "1.5"),
+    ("text_generation", "--length", "0"),
+    ("text_generation", "--learning-rate", "inf"),
+    ("text_generation", "--model", MISSING),
+    ("text_generation", "--vocab", MISSING),
+    ("text_generation", "--prompt", ""),
+    ("text_generation", "--temperature", "0"),
+    ("text_generation", "--seed", "-1"),
+    ("text_generation", "--out", A_FILE),
+)
+
+# Values that are fine alone but not together.
+BAD_COMBINATIONS = (
+    ("adaptation", ["--train-size", "1700", "--labelled", "100"],
+     "--train-size", 1700),
+    ("text_generation", ["--generate"], "--model", None),
 )
 
 
@@ -109,6 +147,9 @@ class CliTypesTest(parameterized.TestCase):
         ("positive_int", "positive_int", "7", 7),
         ("non_negative_int", "non_negative_int", "0", 0),
         ("rate", "rate", "3e-3", 3e-3),
+        ("seed", "seed", "2147483647", 2147483647),
+        ("file", "existing_file", __file__, __file__),
+        ("text", "non_empty", "The ", "The "),
     )
     def test_accepts(self, kind, text, expected):
         self.assertEqual(getattr(_cli(), kind)(text), expected)
@@ -123,6 +164,12 @@ class CliTypesTest(parameterized.TestCase):
         ("rate_nan", "rate", "nan", "a finite number above 0"),
         ("rate_inf", "rate", "inf", "a finite number above 0"),
         ("rate_word", "rate", "fast", "a finite number above 0"),
+        ("seed_large", "seed", "2147483648",
+         "an integer from 0 to 2147483647"),
+        ("folder_file", "folder", __file__,
+         "a folder (an existing file is not one)"),
+        ("file_missing", "existing_file", "missing.txt", "an existing file"),
+        ("text_empty", "non_empty", "", "a non-empty text"),
     )
     def test_refuses_with_the_value_as_repr(self, kind, text, expected):
         with self.assertRaises(argparse.ArgumentTypeError) as raised:
@@ -153,29 +200,129 @@ def _examples_on_path():
 
 class BadArgumentsTest(parameterized.TestCase):
     @parameterized.named_parameters(
-        (f"{name}_{option[2:]}", name, option, value)
+        (f"{name}_{option[2:]}{suffix}", name, option, value, extra)
         for name, option, value in BAD_ARGUMENTS
+        for suffix, extra in (("", []), ("_quick", ["--quick"]))
     )
-    def test_one_line_error_and_status_2(self, name, option, value):
-        code, stderr = parse_error(name, [option, value])
+    def test_one_line_error_and_status_2(self, name, option, value, extra):
+        code, stderr = parse_error(name, [*extra, option, value])
         self.assertEqual(code, 2)
         last_line = stderr.strip().splitlines()[-1]
-        self.assertStartsWith(last_line, f"{name}.py: error: argument {option}")
-        self.assertIn(f"Received: {value!r}", last_line)
+        self.assertStartsWith(
+            last_line, f"{name}.py: error: argument {option}: must be "
+        )
+        self.assertEndsWith(last_line, f". Received: {value!r}")
 
-    def test_grid_covers_every_numeric_option(self):
+    @parameterized.named_parameters(
+        (f"{name}_{option[2:]}", name, argv, option, value)
+        for name, argv, option, value in BAD_COMBINATIONS
+    )
+    def test_combinations_are_worded_the_same(self, name, argv, option,
+                                              value):
+        code, stderr = parse_error(name, argv)
+        self.assertEqual(code, 2)
+        last_line = stderr.strip().splitlines()[-1]
+        self.assertStartsWith(
+            last_line, f"{name}.py: error: argument {option}: must be "
+        )
+        self.assertEndsWith(last_line, f". Received: {value!r}")
+
+    @parameterized.named_parameters((name, name) for name in EXAMPLE_NAMES)
+    def test_grid_covers_every_option(self, name):
         # An option added later without an entry above fails here.
-        for name in ("quickstart", "small_batch_renorm", "fine_tuning",
-                     "adaptation", "stock_series"):
-            typed = {
-                action.option_strings[0]: action.type
-                for action in _parser(name)._actions
-                if action.type not in (None, str, pathlib.Path)
-            }
-            for option, kind in typed.items():
-                self.assertEqual(kind.__module__, "_cli", (name, option))
-            covered = {o for n, o, _ in BAD_ARGUMENTS if n == name}
-            self.assertEqual(set(typed), covered, name)
+        parser = _parser(name)
+        valued = {
+            action.option_strings[0]: action.type
+            for action in parser._actions
+            if action.option_strings and action.nargs != 0
+        }
+        for option, kind in valued.items():
+            self.assertEqual(
+                getattr(kind, "__module__", None), "_cli", (name, option)
+            )
+        covered = {o for n, o, _ in BAD_ARGUMENTS if n == name}
+        self.assertEqual(set(valued), covered, name)
+        flags = {
+            action.option_strings[-1] for action in parser._actions
+            if action.nargs == 0
+        }
+        self.assertContainsSubset({"--help", "--quick", "--quiet"}, flags)
+
+    @parameterized.named_parameters((name, name) for name in EXAMPLE_NAMES)
+    def test_explicit_values_win_over_quick(self, name):
+        module = load_example(name)
+        ordinary = vars(module.parse_args([]))
+        quick = vars(module.parse_args(["--quick"]))
+        self.assertTrue(module.QUICK)
+        for dest, value in module.QUICK.items():
+            self.assertEqual(quick[dest], value, dest)
+            self.assertNotEqual(ordinary[dest], value, dest)
+        # --quick changes nothing else.
+        self.assertEqual(
+            {k: v for k, v in quick.items() if k not in module.QUICK},
+            {**{k: v for k, v in ordinary.items() if k not in module.QUICK},
+             "quick": True},
+        )
+        for dest, value in module.QUICK.items():
+            option = "--" + dest.replace("_", "-")
+            if isinstance(value, list):
+                chosen, given = [0.5], ["0.5"]
+            else:
+                chosen = max(value, ordinary[dest]) + 1
+                given = [str(chosen)]
+            for argv in ([option, *given, "--quick"],
+                         ["--quick", option, *given]):
+                args = module.parse_args(argv)
+                self.assertEqual(getattr(args, dest), chosen, argv)
+                # The other options still take --quick's defaults.
+                for other, other_value in module.QUICK.items():
+                    if other != dest:
+                        self.assertEqual(getattr(args, other), other_value)
+
+    def test_every_example_quiets_tensorflow_before_importing_it(self):
+        # Importing an example must set the C++ log level and not import
+        # TensorFlow, in a process where the level was not set.
+        code = (
+            "import os, sys\n"
+            f"sys.path.insert(0, {str(EXAMPLES)!r})\n"
+            f"for name in {EXAMPLE_NAMES!r}:\n"
+            "    os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None)\n"
+            "    __import__(name)\n"
+            "    assert os.environ.get('TF_CPP_MIN_LOG_LEVEL') == '3', name\n"
+            "    assert 'tensorflow' not in sys.modules, name\n"
+            "print('ok')\n"
+        )
+        env = {k: v for k, v in os.environ.items()
+               if k != "TF_CPP_MIN_LOG_LEVEL"}
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True,
+            text=True, timeout=120,
+        )
+        self.assertEqual(result.stdout.strip(), "ok", result.stderr)
+
+    def test_keras_and_tensorflow_import_without_cpp_log(self):
+        # TensorFlow 2.19+ logs at start-up whatever TF_CPP_MIN_LOG_LEVEL
+        # says; `_cli.import_keras` hides it, and only it.
+        code = (
+            "import sys\n"
+            f"sys.path.insert(0, {str(EXAMPLES)!r})\n"
+            "import _cli\n"
+            "keras = _cli.import_keras()\n"
+            "import numpy as np\n"
+            "model = keras.Sequential([keras.Input((3,)), "
+            "keras.layers.Dense(2)])\n"
+            "model.compile('sgd', 'mse')\n"
+            "model.fit(np.ones((8, 3)), np.ones((8, 2)), verbose=0)\n"
+            "print('after', file=sys.stderr)\n"
+        )
+        env = {k: v for k, v in os.environ.items()
+               if k != "TF_CPP_MIN_LOG_LEVEL"}
+        result = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True,
+            text=True, timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(result.stderr, "after\n")
 
     @parameterized.named_parameters(
         ("quickstart", "quickstart", ["--epochs", "0"]),
@@ -183,6 +330,8 @@ class BadArgumentsTest(parameterized.TestCase):
         ("fine_tuning", "fine_tuning", ["--seeds", "0"]),
         ("adaptation", "adaptation", ["--tent-steps", "0"]),
         ("stock_series", "stock_series", ["--seeds", "0"]),
+        ("text_generation", "text_generation",
+         ["--quick", "--units", "-1"]),
     )
     def test_script_exits_2_before_importing_tensorflow(self, name, argv):
         result = run_example(EXAMPLES / f"{name}.py", *argv, timeout=60)
@@ -193,16 +342,16 @@ class BadArgumentsTest(parameterized.TestCase):
         )
         self.assertEqual(result.stdout, "")
 
-    def test_small_batch_renorm_defaults_follow_quick(self):
-        module = load_example("small_batch_renorm")
-        self.assertEqual(
-            (module.parse_args([]).steps, module.parse_args([]).seeds),
-            (1500, 5),
-        )
-        quick = module.parse_args(["--quick"])
-        self.assertEqual((quick.steps, quick.seeds), (300, 2))
-        chosen = module.parse_args(["--quick", "--steps", "7", "--seeds", "1"])
-        self.assertEqual((chosen.steps, chosen.seeds), (7, 1))
+    @parameterized.named_parameters((name, name) for name in EXAMPLE_NAMES)
+    def test_help_lists_the_shared_options(self, name):
+        result = run_example(EXAMPLES / f"{name}.py", "--help", timeout=60)
+        self.assertEqual(result.returncode, 0, msg=result.stderr)
+        for option in ("--quick", "--quiet", "--seed", "--out"):
+            self.assertRegex(
+                result.stdout, rf"(?m)^ +{option}( [A-Z_]+)?\s+[a-z]"
+            )
+        self.assertNotIn("(default: None)", result.stdout)
+        self.assertNotIn("(default: False)", result.stdout)
 
 
 def _parser(name):
@@ -257,6 +406,7 @@ class QuickstartTest(parameterized.TestCase):
             self.assertTrue(math.isfinite(float(loss)), result.stdout)
             self.assertGreaterEqual(float(loss), 0.0)
 
+        self.assertIn("numbers mean nothing", result.stdout)
         plot = out / "quickstart.png"
         self.assertTrue(plot.is_file(), result.stdout)
         self.assertEqual(plot.read_bytes()[:8], PNG_SIGNATURE)

@@ -235,13 +235,85 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
         bn_out = keras_bn.BatchNormalization(name="out_bn")(out)
         model = keras.Model(inputs, [out, bn_out])
         randomize_batch_normalization(model)
-        folded_model, folded = keras_bn.fold_batch_normalization(model)
+        with self.assertLogs("keras_bn.folding", level="INFO") as logs:
+            folded_model, folded = keras_bn.fold_batch_normalization(model)
         self.assertEqual(folded, [])
         self.assertEqual(bn_names(folded_model), bn_names(model))
+        # Each one left, with the reason.
+        prefix = "INFO:keras_bn.folding:"
+        self.assertEqual(
+            sorted(logs.output),
+            sorted(prefix + line for line in (
+                "after_relu: not folded: after Conv2D 'relu_conv' with "
+                "activation 'relu', which comes between",
+                "after_shared: not folded: after Conv2D 'shared', whose "
+                "output other layers read too",
+                "wrong_axis: not folded: it normalizes axis 1, not only the "
+                "channel axis 3 of Conv2D 'conv_axis'",
+                "after_add: not folded: after BatchNormalization "
+                "'wrong_axis', not a Dense, Conv1D, Conv2D, Conv3D or "
+                "DepthwiseConv2D layer",
+                "renorm: not folded: a core BatchNormalization with "
+                "renorm=True",
+                "out_bn: not folded: after Conv2D 'out_conv', whose output "
+                "is a model output too",
+            )),
+        )
         x = np.random.default_rng(1).normal(size=(2, 6, 6, 3))
         x = x.astype("float32")
         for a, b in zip(model(x), folded_model(x)):
             self.assertAllClose(b, a, atol=0, rtol=0)
+
+    @parameterized.named_parameters(
+        ("sequential", "sequential"), ("functional", "functional")
+    )
+    def test_dense_with_relu_is_left_and_said(self, model_type):
+        layers = [
+            keras.layers.Dense(4, name="linear"),
+            keras_bn.BatchNormalization(name="bn_1"),
+            keras.layers.Dense(3, activation="relu", name="dense_2"),
+            keras_bn.BatchNormalization(name="bn_3"),
+        ]
+        if model_type == "sequential":
+            model = keras.Sequential([keras.Input((5,))] + layers)
+        else:
+            inputs = keras.Input((5,))
+            h = inputs
+            for layer in layers:
+                h = layer(h)
+            model = keras.Model(inputs, h)
+        randomize_batch_normalization(model)
+        with self.assertLogs("keras_bn.folding", level="INFO") as logs:
+            folded_model, folded = keras_bn.fold_batch_normalization(model)
+        self.assertEqual(folded, [("linear", "bn_1")])
+        self.assertEqual(
+            logs.output,
+            [
+                "INFO:keras_bn.folding:bn_3: not folded: after Dense "
+                "'dense_2' with activation 'relu', which comes between",
+                "INFO:keras_bn.folding:bn_1: folded into Dense 'linear'",
+            ],
+        )
+        self.assertEqual(bn_names(folded_model), ["bn_3"])
+        x = np.random.default_rng(1).normal(size=(4, 5)).astype("float32")
+        self.assert_same_inference(model, folded_model, x, jit_compile=False)
+
+    @parameterized.named_parameters(
+        ("sequential", lambda: keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2)])),
+        ("layer_normalization", lambda: keras.Sequential(
+            [keras.Input((3,)), keras.layers.Dense(2),
+             keras.layers.LayerNormalization()])),
+    )
+    def test_model_without_batch_normalization_raises(self, make):
+        model = make()
+        with pytest.raises(ValueError) as error:
+            keras_bn.fold_batch_normalization(model)
+        message = str(error.value)
+        self.assertIn(
+            "Argument `model` must hold a batch normalization", message
+        )
+        self.assertTrue(message.endswith(f"Received: model={model!r}"))
 
     def test_operations_that_are_not_layers(self):
         # `keras.ops` calls on symbolic tensors are graph nodes of their own.
@@ -274,13 +346,15 @@ class FoldBatchNormalizationTest(test_case.LayerTestCase):
     def test_applications(self, name):
         model, x = application(name)
         num_bn = len(bn_names(model))
+        if num_bn == 0:
+            # ConvNeXt normalizes layers, not batches: nothing to fold.
+            with pytest.raises(ValueError, match="it has none"):
+                keras_bn.fold_batch_normalization(model)
+            return
         folded_model, folded = keras_bn.fold_batch_normalization(model)
         # Every batch normalization of these models follows a convolution.
         self.assertLen(folded, num_bn)
         self.assertEqual(bn_names(folded_model), [])
-        if num_bn == 0:
-            for a, b in zip(model.weights, folded_model.weights):
-                self.assertAllClose(b, a, atol=0, rtol=0)
         # Float32 rounding differences grow through 50 layers.
         self.assert_same_inference(
             model, folded_model, x, jit_compile=False, tolerance=1e-4

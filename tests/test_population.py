@@ -596,3 +596,152 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         with pytest.raises(ValueError) as error:
             keras_bn.recompute_statistics(model, data(), verbose=0)
         self.assertIn(f"Received: model={model!r}", str(error.value))
+
+
+def two_input_model():
+    """Two inputs added, then BN: its statistics are those of `a + b`."""
+    a = keras.Input((5,), name="a")
+    b = keras.Input((5,), name="b")
+    h = keras_bn.BatchNormalization(name="bn")(keras.layers.Add()([a, b]))
+    return keras.Model([a, b], h)
+
+
+def numpy_statistics(x, batch_size):
+    """The equal-weight mean over batches of `x`'s batch moments."""
+    batches = split(x.astype("float64"), batch_size)
+    return (
+        np.mean([b.mean(axis=0) for b in batches], axis=0),
+        np.mean([b.var(axis=0) for b in batches], axis=0),
+    )
+
+
+def torch_xy_loader(x, y, batch_size):
+    torch = pytest.importorskip(
+        "torch", reason="needs PyTorch: DataLoader is PyTorch's"
+    )
+    dataset = torch.utils.data.TensorDataset(
+        torch.from_numpy(x), torch.from_numpy(y)
+    )
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
+
+
+class XYPairs(keras.utils.PyDataset):
+    def __init__(self, x, y, batch_size):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        window = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return self.x[window], self.y[window], np.ones(len(self.x[window]))
+
+
+class DataAsFitTakesItTest(test_case.LayerTestCase):
+    """`data` is read as `model.fit` reads it, and only `x` is used."""
+
+    @parameterized.named_parameters(
+        ("array", lambda x, y, w: x),
+        ("x_y", lambda x, y, w: (x, y)),
+        ("x_y_sample_weight", lambda x, y, w: (x, y, w)),
+        ("x_only_tuple", lambda x, y, w: (x,)),
+        ("x_none", lambda x, y, w: (x, None)),
+        ("generator_x_y", lambda x, y, w: (
+            (x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)
+        )),
+        ("py_dataset_x_y_w", lambda x, y, w: XYPairs(x, y, 32)),
+        ("tf_data_x_y_w", lambda x, y, w: tf_data().Dataset.from_tensor_slices(
+            (x, y, w)).batch(32)),
+    )
+    def test_single_input(self, make_data):
+        model = make_model(keras_bn.BatchNormalization)
+        x = data()
+        y = np.arange(len(x), dtype="float32")[:, None]
+        w = np.ones(len(x), "float32")
+        count = keras_bn.recompute_statistics(
+            model, make_data(x, y, w), batch_size=32
+        )
+        self.assertEqual(count, 3)
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+
+    @pytest.mark.skipif(
+        keras.backend.backend() != "torch",
+        reason="a DataLoader's tensors are PyTorch's: tested on the torch "
+        "backend (other backends take them too, through NumPy)",
+    )
+    def test_torch_data_loader_of_x_y(self):
+        model = make_model(keras_bn.BatchNormalization)
+        x = data()
+        y = np.zeros((len(x), 1), "float32")
+        count = keras_bn.recompute_statistics(
+            model, torch_xy_loader(x, y, 32)
+        )
+        self.assertEqual(count, 3)
+        self.assert_statistics(model, reference_statistics(model, split(x, 32)))
+
+    @parameterized.named_parameters(
+        ("list", lambda a, b, y: [a, b]),
+        ("list_y", lambda a, b, y: ([a, b], y)),
+        ("tuple_y", lambda a, b, y: ((a, b), y)),
+        ("dict_y", lambda a, b, y: ({"a": a, "b": b}, y)),
+        ("list_of_batches", lambda a, b, y: [
+            ([a[i : i + 32], b[i : i + 32]], y[i : i + 32])
+            for i in range(0, len(a), 32)
+        ]),
+    )
+    def test_two_inputs(self, make_data):
+        model = two_input_model()
+        a, b = data(seed=1), data(seed=2)
+        y = np.zeros((len(a), 1), "float32")
+        count = keras_bn.recompute_statistics(
+            model, make_data(a, b, y), batch_size=32
+        )
+        self.assertEqual(count, 3)
+        mean, variance = numpy_statistics(a + b, 32)
+        layer = model.get_layer("bn")
+        self.assertAllClose(layer.moving_mean, mean, atol=1e-5)
+        self.assertAllClose(layer.moving_variance, variance, rtol=1e-5)
+
+    @parameterized.named_parameters(
+        ("tuple_as_inputs", lambda m: two_input_model(),
+         lambda a, b: (a, b), "Pass the inputs as a list"),
+        ("four_arrays", lambda m: m, lambda a, b: (a, a, a, a),
+         "must be `(x,)`, `(x, y)` or `(x, y, sample_weight)`"),
+        ("rows_differ", lambda m: m, lambda a, b: (a, b[:10]),
+         "as many rows"),
+        ("list_length", lambda m: two_input_model(), lambda a, b: [a, b, a],
+         "one array per input of the model, which has 2 inputs"),
+    )
+    def test_ambiguous_or_inconsistent_data(self, make_model_for, make_data,
+                                            message):
+        model = make_model_for(make_model(keras_bn.BatchNormalization))
+        before = [test_case.to_numpy(v) for v in model.variables]
+        a, b = data(seed=1), data(seed=2)
+        with pytest.raises(ValueError, match=re.escape(message)) as error:
+            keras_bn.recompute_statistics(model, make_data(a, b))
+        self.assertIn("Received: data=(", str(error.value).replace(
+            "data=[", "data=("))
+        self.assertIn("<array of shape (96, 5)>", str(error.value))
+        for variable, value in zip(model.variables, before):
+            self.assertAllClose(variable, value, atol=0, rtol=0)
+
+    def test_report_is_logged(self):
+        inputs = keras.Input((5,))
+        h = keras_bn.BatchNormalization(name="live")(inputs)
+        outputs = keras_bn.FrozenBatchNormalization(name="fixed")(h)
+        model = keras.Model(inputs, outputs)
+        with self.assertLogs("keras_bn", level="INFO") as logs:
+            keras_bn.recompute_statistics(model, data(), batch_size=32)
+        self.assertEqual(
+            logs.output,
+            [
+                "INFO:keras_bn.population:live: statistics recomputed over "
+                "3 batch(es)",
+                "INFO:keras_bn.population:fixed: FrozenBatchNormalization, "
+                "left as it is: its statistics are fixed",
+            ],
+        )
+
+    def assert_statistics(self, model, expected):
+        RecomputeStatisticsTest.assert_statistics(self, model, expected)
