@@ -162,11 +162,13 @@ class BatchNormalization(layers.Layer):
 
     Example:
 
+    >>> import keras
     >>> import numpy as np
     >>> import keras_bn
     >>> x = np.random.default_rng(0).normal(3.0, 2.0, (8, 4))
     >>> layer = keras_bn.BatchNormalization(virtual_batch_size=4)
-    >>> y = np.asarray(layer(x.astype("float32"), training=True))
+    >>> y = keras.ops.convert_to_numpy(
+    ...     layer(x.astype("float32"), training=True))
     >>> bool(np.allclose(y[:4].mean(axis=0), 0.0, atol=1e-5))
     True
     >>> [w.name for w in layer.weights]

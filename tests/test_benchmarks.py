@@ -21,6 +21,7 @@ FIRST_STEP = REPO / "benchmarks" / "first_step.py"
 MODELS = REPO / "benchmarks" / "models.py"
 BACKENDS = REPO / "benchmarks" / "backends.py"
 XLA_KERNELS = REPO / "benchmarks" / "xla_kernels.py"
+PATHS = REPO / "benchmarks" / "paths.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -279,6 +280,22 @@ class ScriptTablesTest(parameterized.TestCase):
         self.assertGreaterEqual(float(rows[2][2]), 0.0)
 
     @pytest.mark.slow
+    def test_paths_times_every_path_that_serves(self):
+        result = test_case.run_script(
+            PATHS, "--shapes", "64,3;16,4,8", "--repeats", "2", timeout=300
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        rows = table_rows(result.stdout)
+        self.assertEqual([row[0] for row in rows], ["64 x 3", "16 x 4 x 8"])
+        for row in rows:
+            # ops, fused, xla, wide, torch; the chosen path and its win.
+            timed = [float(cell) for cell in row[1:6] if cell != "–"]
+            self.assertGreaterEqual(len(timed), 2, row)
+            self.assertTrue(all(positive_finite(t) for t in timed), row)
+            self.assertIn(row[6], ("ops", "fused", "xla", "wide"))
+            self.assertTrue(positive_finite(float(row[7])), row)
+
+    @pytest.mark.slow
     def test_xla_kernels_reports_both_layers(self):
         result = test_case.run_script(
             XLA_KERNELS, "--shape", "4,3,2", "--units", "3", "--calls", "1",
@@ -315,6 +332,8 @@ class ScriptTablesTest(parameterized.TestCase):
         ("unknown_model", MODELS, ["--models", "ResNet"],
          "Received: 'ResNet'"),
         ("small_image", MODELS, ["--image-size", "16"], "Received: 16"),
+        ("paths_shapes", PATHS, ["--shapes", "4,x"], "Received: '4,x'"),
+        ("paths_repeats", PATHS, ["--repeats", "0"], "Received: '0'"),
     )
     def test_bad_input_is_a_one_line_error(self, script, args, received):
         result = test_case.run_script(script, *args, timeout=60)
