@@ -43,7 +43,7 @@ def normalize(
         moments = _view_moments(view, synchronized)
     total_scale, total_offset = _statistics.affine(
         view.of(moments.mean), view.of(moments.variance), epsilon,
-        view.of(scale), view.of(offset),
+        *_like(view, scale, offset),
     )
     outputs = view.output(view.x * total_scale + total_offset)
     return _statistics.Normalized(outputs, moments)
@@ -53,10 +53,17 @@ def inference(x, axes, epsilon, scale, offset, mean, variance):
     """`x` normalized with the given statistics (see the module)."""
     view = _layout.merged_view(_in_statistics_dtype(x), axes)
     total_scale, total_offset = _statistics.affine(
-        view.of(mean), view.of(variance), epsilon, view.of(scale),
-        view.of(offset),
+        *_like(view, mean, variance), epsilon,
+        *_like(view, scale, offset),
     )
     return view.output(view.x * total_scale + total_offset)
+
+
+def _like(view, *values):
+    """`values` (`keepdims` against the input) in `view`, in its dtype."""
+    return [
+        view.of(_statistics.cast(value, view.x.dtype)) for value in values
+    ]
 
 
 def _view_moments(view, synchronized):

@@ -265,6 +265,8 @@ class BatchNormalization(layers.Layer):
         self._kept_shape = tuple(
             _layout.kept_shape(input_shape, self._reduced)
         )
+        # One run of adjacent axes (PyTorch's kernel takes them as one).
+        self._adjacent = axes == list(range(axes[0], axes[-1] + 1))
         shape = self._param_shape
         if self.scale:
             self.gamma = self.add_weight(
@@ -310,7 +312,8 @@ class BatchNormalization(layers.Layer):
         return input_shape
 
     def call(self, inputs, training=None, mask=None):
-        mask = self._standardize_mask(mask, inputs)
+        if mask is not None:
+            mask = _layout.standardize_mask(mask, inputs, self.name)
         training = bool(training and self.trainable)
         path = _dispatch.choose(self._call_facts(inputs, mask, training))
         ghosts = self.virtual_batch_size is not None
@@ -356,9 +359,10 @@ class BatchNormalization(layers.Layer):
         inputs = ops.convert_to_tensor(inputs)
         if not self.built:
             self.build(inputs.shape)
-        mask = self._standardize_mask(
-            None if mask is None else ops.convert_to_tensor(mask), inputs
-        )
+        if mask is not None:
+            mask = _layout.standardize_mask(
+                ops.convert_to_tensor(mask), inputs, self.name
+            )
         training = bool(training and self.trainable)
         return _dispatch.choose(self._call_facts(inputs, mask, training))
 
@@ -405,7 +409,7 @@ class BatchNormalization(layers.Layer):
             fused=self.fused,
             xla_kernel=self.xla_kernel,
             last_axis_only=self._axes == [rank - 1],
-            adjacent_axes=self._adjacent_axes(),
+            adjacent_axes=self._adjacent,
             axis=self.axis,
             virtual_batch_size=self.virtual_batch_size,
             epsilon=self.epsilon,
@@ -420,16 +424,12 @@ class BatchNormalization(layers.Layer):
             training=training,
             ghost=self.virtual_batch_size is not None,
             last_axis_only=self._axes == [rank - 1],
-            adjacent_axes=self._adjacent_axes(),
+            adjacent_axes=self._adjacent,
             epsilon=self.epsilon,
             synchronized=self.synchronized,
             fused=self.fused,
             xla_kernel=self.xla_kernel,
         )
-
-    def _adjacent_axes(self):
-        """Whether the normalized axes are one run of adjacent axes."""
-        return self._axes == list(range(self._axes[0], self._axes[-1] + 1))
 
     def _add_statistic(self, name, initializer):
         return self.add_weight(
@@ -474,7 +474,8 @@ class BatchNormalization(layers.Layer):
 
     def _scale_offset(self, x):
         """`gamma` and `beta` (ones and zeros where the layer has none)
-        as the kernels take them for `x` (`_shaped`)."""
+        as the kernels take them for `x` (`_shaped`); the kernels cast
+        them."""
         gamma = ops.ones(self._param_shape) if self.gamma is None else (
             self.gamma
         )
@@ -484,13 +485,10 @@ class BatchNormalization(layers.Layer):
         return self._shaped(gamma, x), self._shaped(beta, x)
 
     def _shaped(self, weight, x):
-        """A per-position `weight` in the statistics dtype of `x`,
-        `keepdims` against `x` (which may have a leading ghost axis)."""
+        """A per-position `weight`, `keepdims` against `x` (which may have
+        a leading ghost axis)."""
         lead = (1,) * (len(x.shape) - len(self._kept_shape))
-        return ops.reshape(
-            _statistics.cast(weight, _statistics.statistics_dtype(x.dtype)),
-            lead + self._kept_shape,
-        )
+        return ops.reshape(weight, lead + self._kept_shape)
 
     def _update_moving_statistics(self, mean, variance, count):
         """Moves the moving statistics towards the batch's.
@@ -517,10 +515,6 @@ class BatchNormalization(layers.Layer):
             )
         )
         return _statistics.cumulative_decay(seen)
-
-    def _standardize_mask(self, mask, x):
-        """A mask of the rank of `x`, or a clear error if it cannot fit."""
-        return _layout.standardize_mask(mask, x, self.name)
 
     def _to_param_shape(self, statistic):
         if len(statistic.shape) == 0:

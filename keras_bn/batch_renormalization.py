@@ -303,11 +303,17 @@ class BatchRenormalization(BatchNormalization):
         """`x` renormalized: `r` and `d`, functions of the batch's moments,
         folded into the scale `r * gamma` and the offset
         `d * gamma + beta`."""
-        gamma, beta = self._scale_offset(x)
-        renorm_mean = self._shaped(self.renorm_mean, x)
-        renorm_stddev = self._shaped(self.renorm_stddev, x)
+        weights = (
+            *self._scale_offset(x),
+            self._shaped(self.renorm_mean, x),
+            self._shaped(self.renorm_stddev, x),
+        )
 
         def scale_offset(moments):
+            dtype = moments.mean.dtype
+            gamma, beta, renorm_mean, renorm_stddev = (
+                _statistics.cast(w, dtype) for w in weights
+            )
             r, d = self._corrections(
                 moments.mean,
                 _statistics.stddev(moments.variance, self.epsilon),
