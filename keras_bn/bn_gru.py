@@ -224,7 +224,7 @@ class BNGRU(_rnn.RecurrentLayer):
         *,
         zero_output_for_mask=False, max_timesteps=None, momentum=0.9,
         epsilon=1e-3, statistics="per_step", input_gamma_initializer=0.1,
-        recurrent_gamma_initializer=0.1, initial_state_noise=0.0, **kwargs,
+        recurrent_gamma_initializer=0.1, initial_state_noise=0.1, **kwargs,
     ):
         # Keras 3's own layers accept `implementation` and ignore it.
         kwargs.pop("implementation", None)

@@ -69,7 +69,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
         self.unit_forget_bias = _validation.boolean(
             "unit_forget_bias", unit_forget_bias
         )
-        self.cell_gamma_initializer = _recurrent.get_initializer(
+        self.cell_gamma_initializer = _validation.initializer(
             cell_gamma_initializer
         )
         self.cell_beta_initializer = initializers.get(cell_beta_initializer)
@@ -348,7 +348,7 @@ class BNLSTM(_rnn.RecurrentLayer):
         zero_output_for_mask=False, max_timesteps=None, momentum=0.9,
         epsilon=1e-3, statistics="per_step", input_gamma_initializer=0.1,
         recurrent_gamma_initializer=0.1, cell_gamma_initializer=0.1,
-        cell_beta_initializer="zeros", initial_state_noise=0.0,
+        cell_beta_initializer="zeros", initial_state_noise=0.1,
         written_gradient=None, **kwargs,
     ):
         # Keras 3's own layers accept `implementation` and ignore it.
