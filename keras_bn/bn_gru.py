@@ -183,8 +183,9 @@ class BNGRU(_rnn.RecurrentLayer):
         recurrent_gamma_initializer: Initializer (or float) for
             `recurrent_gamma`. Defaults to `0.1`.
         initial_state_noise: Non-negative float, the standard deviation of
-            Gaussian noise added to the initial state in training. Defaults
-            to `0.0`.
+            Gaussian noise added to the initial state in training (for a
+            stateful layer, at the start of its stream only), as for
+            `BNLSTM`. `0.0` turns it off. Defaults to `0.1`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
             `implementation` is accepted and ignored, as in Keras 3.
     Call arguments:

@@ -293,9 +293,13 @@ class BNLSTM(_rnn.RecurrentLayer):
         cell_beta_initializer: Initializer for `cell_beta`. Defaults to
             `"zeros"`.
         initial_state_noise: Non-negative float, the standard deviation of
-            Gaussian noise added to the initial hidden state in training.
-            The paper uses 0.1 when early steps have zero variance over the
-            batch (e.g. black border pixels). Defaults to `0.0`.
+            Gaussian noise added to the initial hidden state in training
+            (for a stateful layer, at the start of its stream only). Without
+            it the first steps' terms are constant over the batch (a zero
+            state, inputs such as black border pixels): training normalizes
+            them to zero, while inference subtracts moving means that lag
+            behind the weights. `0.0` turns it off. Defaults to `0.1`, the
+            paper's value.
         written_gradient: Whether training runs the loop with its
             back-propagation through time written out, which keeps fewer
             intermediates per step than the differentiated step loop: `None`
