@@ -76,29 +76,17 @@ ONEDNN_CHANNEL_MULTIPLE = 4
 class Call:
     """The facts about one call that decide its path.
 
-    Attributes:
-        backend: Keras backend name.
-        device: `"cpu"`, `"gpu"` or `"tpu"`, the kind of device the
-            backend computes on.
-        onednn: Whether TensorFlow's CPU kernels are oneDNN's.
-        dtype: The input's dtype name.
-        elements: Number of elements of the input, or `None` if unknown.
-        masked: Whether the call has a mask.
-        ghost: Whether the layer splits ghost batches.
-        last_axis_only: Whether the layer normalizes the last axis alone.
-        adjacent_axes: Whether the normalized axes are one run of adjacent
-            axes (PyTorch's kernel takes them as its channel axis).
-        channels: The number of channels when the last axis alone is
-            normalized, else `None`.
-        epsilon: The layer's epsilon.
-        synchronizing: Whether cross-replica synchronization is in
-            progress (a synchronized layer in training inside a
-            `tf.distribute` replica context with more than one replica, or
-            with a `torch.distributed` group of more than one process).
-        training: Whether the call normalizes with batch statistics.
-        xla_compiling: Whether the call is traced for XLA (`jit_compile`).
-        fused: What the layer asked for: `None`, `True` or `False`.
-        xla_kernel: What the layer asked for: `None`, `True` or `False`.
+    `backend`, `device` (`"cpu"`, `"gpu"` or `"tpu"`), `onednn` (whether
+    TensorFlow's CPU kernels are oneDNN's), the input's `dtype` name and
+    number of `elements` (`None` if unknown); whether the call is `masked`,
+    the layer splits `ghost` batches, normalizes the `last_axis_only` (then
+    `channels` is its size) or `adjacent_axes` (one run, which PyTorch's
+    kernel takes as its channel axis); its `epsilon`; whether
+    cross-replica synchronization is in progress (`synchronizing`: a
+    synchronized layer in training with more than one `tf.distribute`
+    replica or `torch.distributed` process), the call is in `training`, and
+    traced for XLA (`xla_compiling`); and what the layer asked for, `fused`
+    and `xla_kernel` (`None`, `True` or `False`).
     """
 
     backend: str
@@ -134,18 +122,10 @@ class Path:
 
 
 class Kernel(NamedTuple):
-    """The functions of tensors a path runs (see `_ops_kernels` for their
-    signatures).
-
-    Attributes:
-        normalize: Batch-normalizes in training, returning
-            `_statistics.Normalized`.
-        moments: The batch's moments alone, for a scale and offset that
-            depend on them (batch renormalization), or `None` where the
-            kernel cannot give them without normalizing.
-        inference: Normalizes with given statistics.
-        corrected: Where `moments` is `None`, batch normalization with a
-            scale and offset that a function of the moments gives.
+    """The functions of tensors a path runs (signatures in
+    `_ops_kernels`): `normalize` in training, `moments` alone (`None`
+    where the kernel computes them only as it normalizes; `corrected` then
+    takes a scale and offset that are a function of them) and `inference`.
     """
 
     normalize: Callable

@@ -5,8 +5,6 @@ whole sequence: per-step statistics computed in the loop, written to the
 moving statistics once after it. Subclasses add their step.
 """
 
-import numbers
-
 import keras
 from keras import activations
 from keras import constraints
@@ -63,7 +61,7 @@ class RecurrentCell(layers.Layer):
         statistics="per_step",
         input_gamma_initializer=0.1,
         recurrent_gamma_initializer=0.1,
-        initial_state_noise=0.0,
+        initial_state_noise=0.1,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -94,10 +92,10 @@ class RecurrentCell(layers.Layer):
         self.statistics = _validation.choice(
             "statistics", statistics, STATISTICS_MODES
         )
-        self.input_gamma_initializer = get_initializer(
+        self.input_gamma_initializer = _validation.initializer(
             input_gamma_initializer
         )
-        self.recurrent_gamma_initializer = get_initializer(
+        self.recurrent_gamma_initializer = _validation.initializer(
             recurrent_gamma_initializer
         )
         self.initial_state_noise = _validation.non_negative(
@@ -208,7 +206,9 @@ class RecurrentCell(layers.Layer):
         inputs, input_stats = input_term(
             time_major_x, mask, training, steps, first_step
         )
-        states = self._initial_states(initial_state, batch, dtype, training)
+        states = self._initial_states(
+            initial_state, batch, dtype, training, first_step
+        )
         optional = {}
         if mask is not None:
             optional["mask"] = mask
@@ -466,7 +466,8 @@ class RecurrentCell(layers.Layer):
             return 0.0
         return ops.cast(self.bias, dtype)
 
-    def _initial_states(self, initial_state, batch, dtype, training):
+    def _initial_states(self, initial_state, batch, dtype, training,
+                        first_step):
         if initial_state is None:
             states = [
                 ops.zeros((batch, size), dtype) for size in self.state_size
@@ -483,15 +484,18 @@ class RecurrentCell(layers.Layer):
                 )
             states = [ops.cast(s, dtype) for s in initial_state]
         if training and self.initial_state_noise > 0:
-            # The paper's fix for early steps whose recurrent term has zero
-            # variance over the batch (e.g. all-black first pixels): their
-            # normalization would blow up the gradients.
-            states[0] = states[0] + keras.random.normal(
-                ops.shape(states[0]),
-                stddev=self.initial_state_noise,
-                dtype=dtype,
-                seed=self.seed_generator,
+            # Without it, the first steps' terms are constant over the
+            # batch (a zero state, inputs equal across the batch): batch
+            # normalization maps them to zero in training, while the
+            # moving means that inference subtracts lag behind the weights.
+            noise = keras.random.normal(
+                ops.shape(states[0]), stddev=self.initial_state_noise,
+                dtype=dtype, seed=self.seed_generator,
             )
+            if first_step is not None:
+                # A stream's carried state is no initial state.
+                noise = noise * ops.cast(ops.equal(first_step, 0), dtype)
+            states[0] = states[0] + noise
         return states
 
     def _dropout_mask(self, shape, rate, x):
@@ -591,9 +595,3 @@ def _check_steps(layer, sequences_shape):
             f"input_shape={sequences_shape}"
         )
 
-
-def get_initializer(value):
-    """`initializers.get`, also accepting a float for a constant."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return initializers.Constant(float(value))
-    return initializers.get(value)

@@ -9,6 +9,8 @@ allowed. No other module repeats these checks.
 import math
 import numbers
 
+from keras import initializers
+
 
 def fail(name, value, allowed, detail=""):
     """Raises the package's error for argument `name`.
@@ -167,3 +169,10 @@ def axis(name, value):
     if len(set(values)) != len(values):
         fail(name, value, "an integer or a list of distinct integers")
     return values if isinstance(value, (list, tuple)) else values[0]
+
+
+def initializer(value):
+    """`keras.initializers.get`, also accepting a float for a constant."""
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return initializers.Constant(float(value))
+    return initializers.get(value)

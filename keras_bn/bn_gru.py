@@ -183,8 +183,9 @@ class BNGRU(_rnn.RecurrentLayer):
         recurrent_gamma_initializer: Initializer (or float) for
             `recurrent_gamma`. Defaults to `0.1`.
         initial_state_noise: Non-negative float, the standard deviation of
-            Gaussian noise added to the initial state in training. Defaults
-            to `0.0`.
+            Gaussian noise added to the initial state in training (for a
+            stateful layer, at the start of its stream only), as for
+            `BNLSTM`. `0.0` turns it off. Defaults to `0.1`.
         **kwargs: Base layer keyword arguments (e.g. `name` and `dtype`);
             `implementation` is accepted and ignored, as in Keras 3.
     Call arguments:
@@ -224,7 +225,7 @@ class BNGRU(_rnn.RecurrentLayer):
         *,
         zero_output_for_mask=False, max_timesteps=None, momentum=0.9,
         epsilon=1e-3, statistics="per_step", input_gamma_initializer=0.1,
-        recurrent_gamma_initializer=0.1, initial_state_noise=0.0, **kwargs,
+        recurrent_gamma_initializer=0.1, initial_state_noise=0.1, **kwargs,
     ):
         # Keras 3's own layers accept `implementation` and ignore it.
         kwargs.pop("implementation", None)

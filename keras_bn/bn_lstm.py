@@ -69,7 +69,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
         self.unit_forget_bias = _validation.boolean(
             "unit_forget_bias", unit_forget_bias
         )
-        self.cell_gamma_initializer = _recurrent.get_initializer(
+        self.cell_gamma_initializer = _validation.initializer(
             cell_gamma_initializer
         )
         self.cell_beta_initializer = initializers.get(cell_beta_initializer)
@@ -293,9 +293,13 @@ class BNLSTM(_rnn.RecurrentLayer):
         cell_beta_initializer: Initializer for `cell_beta`. Defaults to
             `"zeros"`.
         initial_state_noise: Non-negative float, the standard deviation of
-            Gaussian noise added to the initial hidden state in training.
-            The paper uses 0.1 when early steps have zero variance over the
-            batch (e.g. black border pixels). Defaults to `0.0`.
+            Gaussian noise added to the initial hidden state in training
+            (for a stateful layer, at the start of its stream only). Without
+            it the first steps' terms are constant over the batch (a zero
+            state, inputs such as black border pixels): training normalizes
+            them to zero, while inference subtracts moving means that lag
+            behind the weights. `0.0` turns it off. Defaults to `0.1`, the
+            paper's value.
         written_gradient: Whether training runs the loop with its
             back-propagation through time written out, which keeps fewer
             intermediates per step than the differentiated step loop: `None`
@@ -348,7 +352,7 @@ class BNLSTM(_rnn.RecurrentLayer):
         zero_output_for_mask=False, max_timesteps=None, momentum=0.9,
         epsilon=1e-3, statistics="per_step", input_gamma_initializer=0.1,
         recurrent_gamma_initializer=0.1, cell_gamma_initializer=0.1,
-        cell_beta_initializer="zeros", initial_state_noise=0.0,
+        cell_beta_initializer="zeros", initial_state_noise=0.1,
         written_gradient=None, **kwargs,
     ):
         # Keras 3's own layers accept `implementation` and ignore it.

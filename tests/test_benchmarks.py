@@ -22,6 +22,7 @@ MODELS = REPO / "benchmarks" / "models.py"
 BACKENDS = REPO / "benchmarks" / "backends.py"
 XLA_KERNELS = REPO / "benchmarks" / "xla_kernels.py"
 PATHS = REPO / "benchmarks" / "paths.py"
+PERMUTED_DIGITS = REPO / "benchmarks" / "permuted_digits.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -334,6 +335,11 @@ class ScriptTablesTest(parameterized.TestCase):
         ("small_image", MODELS, ["--image-size", "16"], "Received: 16"),
         ("paths_shapes", PATHS, ["--shapes", "4,x"], "Received: '4,x'"),
         ("paths_repeats", PATHS, ["--repeats", "0"], "Received: '0'"),
+        ("unknown_recurrent_model", PERMUTED_DIGITS, ["--models", "rnn"],
+         "Received: 'rnn'"),
+        ("negative_early_rows", PERMUTED_DIGITS, ["--early-rows", "-1"],
+         "Received: -1"),
+        ("zero_epochs", PERMUTED_DIGITS, ["--epochs", "0"], "Received: '0'"),
     )
     def test_bad_input_is_a_one_line_error(self, script, args, received):
         result = test_case.run_script(script, *args, timeout=60)
@@ -343,3 +349,23 @@ class ScriptTablesTest(parameterized.TestCase):
         self.assertStartsWith(last_line, f"{script.name}: error: ")
         self.assertIn(args[0], last_line)
         self.assertIn(received, last_line)
+
+    @pytest.mark.slow
+    def test_permuted_digits_reports_every_model(self):
+        result = test_case.run_script(
+            PERMUTED_DIGITS, "--quick",
+            "--models", "lstm,bnlstm", "--early-rows", "2", timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        rows = [
+            [cell.strip() for cell in line.split("|")[1:-1]]
+            for line in result.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| ---")
+        ][1:]
+        self.assertEqual([row[0] for row in rows], ["lstm", "bnlstm"])
+        # Accuracies in [0, 1]; the LSTM has no statistics to recompute.
+        self.assertEqual(rows[0][3:5], ["–", "–"])
+        for row in rows:
+            for value in row[2:5]:
+                if value != "–":
+                    self.assertBetween(float(value), 0.0, 1.0)

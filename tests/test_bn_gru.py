@@ -13,6 +13,7 @@ from absl.testing import parameterized
 
 import keras_bn
 from tests import test_case
+from tests.test_bn_lstm import EXACT
 from tests.test_bn_lstm import ReferenceStatistics
 from tests.test_bn_lstm import bn
 from tests.test_bn_lstm import make_mask
@@ -86,7 +87,7 @@ class ReferenceTest(test_case.LayerTestCase):
         rng = np.random.default_rng(3)
         batch = 8
         layer = keras_bn.BNGRU(
-            UNITS, return_sequences=True, return_state=True, **cfg
+            UNITS, return_sequences=True, return_state=True, **cfg, **EXACT
         )
         layer.build((batch, steps, FEATURES))
         randomize(layer, rng)
@@ -144,7 +145,9 @@ class GradientTest(test_case.LayerTestCase):
         mask = np.ones((6, 4), bool)
         mask[:2, 3:] = False
         probe = rng.normal(size=(6, 4, UNITS))
-        layer = keras_bn.BNGRU(UNITS, return_sequences=True, dtype="float64")
+        layer = keras_bn.BNGRU(
+            UNITS, return_sequences=True, dtype="float64", **EXACT
+        )
         layer.build(x.shape)
         randomize(layer, rng)
 
@@ -202,7 +205,7 @@ class IntegrationTest(test_case.LayerTestCase):
                 [
                     keras.Input((5, FEATURES)),
                     keras.layers.Bidirectional(
-                        keras_bn.BNGRU(2, statistics="shared")
+                        keras_bn.BNGRU(2, statistics="shared", **EXACT)
                     ),
                 ]
             )
@@ -282,7 +285,8 @@ class StatefulTest(test_case.LayerTestCase):
     def test_training_on_chunks_follows_the_stream(self):
         rng = np.random.default_rng(31)
         layer = keras_bn.BNGRU(
-            UNITS, return_sequences=True, stateful=True, max_timesteps=4
+            UNITS, return_sequences=True, stateful=True, max_timesteps=4,
+            **EXACT,
         )
         layer.build((8, None, FEATURES))
         randomize(layer, rng)
@@ -310,7 +314,9 @@ class StatefulTest(test_case.LayerTestCase):
     def test_unroll_equals_loop(self):
         rng = np.random.default_rng(32)
         x = rng.normal(size=(8, 5, FEATURES)).astype("float32")
-        layers = [keras_bn.BNGRU(UNITS, unroll=u) for u in (False, True)]
+        layers = [
+            keras_bn.BNGRU(UNITS, unroll=u, **EXACT) for u in (False, True)
+        ]
         for layer in layers:
             layer.build(x.shape)
         randomize(layers[0], rng)

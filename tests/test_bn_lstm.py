@@ -27,6 +27,10 @@ UNITS = 3
 FEATURES = 4
 # The documented default.
 MOMENTUM = 0.9
+# The tests that compare training calls with the NumPy reference, or with
+# each other, turn off the noise on the initial state (random, and on by
+# default); `InitialStateNoiseTest` checks the noise itself.
+EXACT = {"initial_state_noise": 0.0}
 
 
 def sigmoid(v):
@@ -269,7 +273,7 @@ class ReferenceTest(test_case.LayerTestCase):
         batch = 8
         layer = keras_bn.BNLSTM(
             UNITS, return_sequences=True, return_state=True, **cfg,
-            **loop_argument(self, loop),
+            **loop_argument(self, loop), **EXACT,
         )
         self.assertEqual(layer.loop_path().name, loop)
         layer.build((batch, steps, FEATURES))
@@ -308,7 +312,7 @@ class ReferenceTest(test_case.LayerTestCase):
 
     def test_initial_state(self):
         rng = np.random.default_rng(4)
-        layer = keras_bn.BNLSTM(UNITS, return_state=True)
+        layer = keras_bn.BNLSTM(UNITS, return_state=True, **EXACT)
         x = rng.normal(size=(8, 4, FEATURES))
         state = [rng.normal(size=(8, UNITS)) for _ in range(2)]
         layer.build(x.shape)
@@ -330,7 +334,9 @@ class ReferenceTest(test_case.LayerTestCase):
         # statistics, whatever the momentum.
         rng = np.random.default_rng(5)
         x = rng.normal(1.0, 2.0, (8, 5, FEATURES)).astype("float32")
-        layer = keras_bn.BNLSTM(UNITS, return_sequences=True, momentum=0.99)
+        layer = keras_bn.BNLSTM(
+            UNITS, return_sequences=True, momentum=0.99, **EXACT
+        )
         layer.build(x.shape)
         randomize(layer, rng)
         train = layer(x, training=True)
@@ -372,7 +378,7 @@ class GradientTest(test_case.LayerTestCase):
         probe = rng.normal(size=(6, 4, UNITS))
         layer = keras_bn.BNLSTM(
             UNITS, return_sequences=True, dtype="float64", **cfg,
-            **loop_argument(self, loop),
+            **loop_argument(self, loop), **EXACT,
         )
         layer.build(x.shape)
         randomize(layer, rng)
@@ -633,7 +639,7 @@ class RecomputeStatisticsTest(test_case.LayerTestCase):
         batches = [rng.normal(0.5, 1.0, (8, 5, 2)) for _ in range(3)]
         layer = keras_bn.BNLSTM(
             UNITS, max_timesteps=4, statistics=statistics,
-            return_sequences=True,
+            return_sequences=True, **EXACT,
         )
         layer.build((None, 5, 2))
         randomize(layer, rng)
@@ -701,7 +707,7 @@ class IntegrationTest(test_case.LayerTestCase):
                 [
                     keras.Input((6, FEATURES)),
                     keras.layers.Masking(),
-                    keras_bn.BNLSTM(2, max_timesteps=3),
+                    keras_bn.BNLSTM(2, max_timesteps=3, **EXACT),
                 ]
             )
             model.compile("adam", "mse", jit_compile=jit)
@@ -720,7 +726,7 @@ class IntegrationTest(test_case.LayerTestCase):
         x = rng.normal(size=(8, 5, FEATURES)).astype("float32")
         mask = make_mask(rng, 8, 5)
         bidirectional = keras.layers.Bidirectional(
-            keras_bn.BNLSTM(UNITS, return_sequences=True)
+            keras_bn.BNLSTM(UNITS, return_sequences=True, **EXACT)
         )
         bidirectional.build(x.shape)
         for layer in (bidirectional.forward_layer,
@@ -747,9 +753,9 @@ class IntegrationTest(test_case.LayerTestCase):
             [
                 keras.Input((5, FEATURES)),
                 keras.layers.Bidirectional(
-                    keras_bn.BNLSTM(UNITS, return_sequences=True)
+                    keras_bn.BNLSTM(UNITS, return_sequences=True, **EXACT)
                 ),
-                keras_bn.BNLSTM(2),
+                keras_bn.BNLSTM(2, **EXACT),
             ]
         )
         model(x, training=True)
@@ -767,7 +773,7 @@ class IntegrationTest(test_case.LayerTestCase):
         strategy = test_case.mirrored_strategy()
         with strategy.scope():
             model = keras.Sequential(
-                [keras.Input((5, FEATURES)), keras_bn.BNLSTM(UNITS)]
+                [keras.Input((5, FEATURES)), keras_bn.BNLSTM(UNITS, **EXACT)]
             )
             model.compile("sgd", "mse")
         w = named_weights(model.layers[0])
@@ -792,11 +798,11 @@ class IntegrationTest(test_case.LayerTestCase):
     def test_cell_runs_alone(self):
         rng = np.random.default_rng(13)
         x = rng.normal(size=(8, 5, FEATURES)).astype("float32")
-        cell = keras_bn.BNLSTMCell(UNITS)
+        cell = keras_bn.BNLSTMCell(UNITS, **EXACT)
         cell.build(x.shape)
         randomize(cell, rng)
         outputs, (h, c) = cell(x, training=True)
-        layer = keras_bn.BNLSTM(UNITS, return_sequences=True)
+        layer = keras_bn.BNLSTM(UNITS, return_sequences=True, **EXACT)
         layer.build(x.shape)
         layer.set_weights(cell.get_weights())
         self.assertAllClose(outputs, layer(x, training=True), atol=1e-6)
@@ -959,7 +965,7 @@ class StatefulTest(test_case.LayerTestCase):
         rng = np.random.default_rng(22)
         layer = keras_bn.BNLSTM(
             UNITS, return_sequences=True, stateful=True, max_timesteps=5,
-            **cfg, **loop_argument(self, loop),
+            **cfg, **loop_argument(self, loop), **EXACT,
         )
         layer.build((8, None, FEATURES))
         randomize(layer, rng)
@@ -1004,7 +1010,7 @@ class StatefulTest(test_case.LayerTestCase):
     @parameterized.named_parameters(("training", True), ("inference", False))
     def test_unroll_equals_loop(self, training):
         rng = np.random.default_rng(24)
-        base = trained_layer(keras_bn.BNLSTM, rng, 4)
+        base = trained_layer(keras_bn.BNLSTM, rng, 4, **EXACT)
         unrolled = type(base).from_config(
             {**base.get_config(), "unroll": True, "max_timesteps": 4}
         )
