@@ -6,20 +6,15 @@ through one of five paths, each a `Kernel` of functions of tensors:
 - `"ops"`: the `keras.ops` kernel (`_ops_kernels`), on every backend and
   in every configuration; the others are faster ways to the same result.
 - `"fused"`: TensorFlow's fused kernel (`FusedBatchNormV3`), for the last
-  axis alone, without a mask or ghost batches, in float16, bfloat16 or
-  float32, and never for training under XLA (`jit_compile`), where XLA's
-  expansion of it loses the variance of inputs with a large mean.
-- `"xla"`: a small XLA-compiled kernel that TensorFlow calls from an
-  ordinary graph, for training on a CPU (`_kernels`).
-- `"wide"`: TensorFlow ops on a wider view of a `(rows, channels)` input
-  with few channels, for training on a CPU (`_kernels`).
+  axis alone, never for training under XLA (`fused_problems`).
+- `"xla"` and `"wide"`: an XLA-compiled kernel, and TensorFlow ops on a
+  wider view of few channels, for training on a CPU (`_kernels`).
 - `"torch"`: PyTorch's kernel (`_torch_kernels`) on the torch backend.
 
 `choose` is the only place that picks one, from the facts of a call
-(`Call`); it returns a `Path` with the reason, or raises the `ValueError`
-that a request the call cannot honour deserves, and `kernel` gives the
-path's `Kernel`. The layers expose it as `layer.normalization_path(inputs,
-training, mask)`; docs/performance.md lists the rules.
+(`Call`): a `Path` with the reason, or the `ValueError` a request the call
+cannot honour deserves; `kernel` gives the path's `Kernel`. Layers expose
+it as `normalization_path`; docs/performance.md lists the rules.
 
 What a layer asks for follows Keras 3's `LSTM(use_cudnn=...)`:
 `fused=None` lets keras_bn choose, `fused=True` means the backend's fused
@@ -70,6 +65,12 @@ WIDE_MIN_ROW = 32
 # oneDNN's fused kernel is fast for channel counts that are multiples of
 # this, and slow for the others.
 ONEDNN_CHANNEL_MULTIPLE = 4
+# Under this many elements oneDNN's fused kernel is slower than the
+# `keras.ops` path and the wide view, whatever the channels.
+ONEDNN_MIN_ELEMENTS = 2**17
+# With fewer channels, on the last axis, PyTorch's training kernel (its
+# channels-last kernel on a CPU) is slower than the `keras.ops` path.
+TORCH_MIN_CHANNELS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,31 +310,29 @@ def check_requested_kernels(
 
 def slow_cpu_kernel(call):
     """Why TensorFlow's fused kernel is the slow choice for a float32 call
-    on a CPU (`None`: it is not).
-
-    Eigen's kernel (oneDNN off) is slower than the XLA kernel, and under
-    `XLA_MIN_ELEMENTS` elements than the `keras.ops` path; oneDNN's is
-    slower than both for a channel count that is not a multiple of
-    `ONEDNN_CHANNEL_MULTIPLE` (docs/performance.md has the measurements).
-    """
+    on a CPU (`None`: it is not): Eigen's (oneDNN off), and oneDNN's for
+    a channel count that is not a multiple of `ONEDNN_CHANNEL_MULTIPLE` or
+    under `ONEDNN_MIN_ELEMENTS` elements (docs/performance.md)."""
     if not call.onednn:
         return "oneDNN is off, and Eigen's fused kernel is slow on a CPU"
     if call.channels and call.channels % ONEDNN_CHANNEL_MULTIPLE:
         return (f"oneDNN's fused kernel is slow for {call.channels} "
                 f"channels, not a multiple of {ONEDNN_CHANNEL_MULTIPLE}")
+    if call.elements is not None and call.elements < ONEDNN_MIN_ELEMENTS:
+        return (f"oneDNN's fused kernel is slow under {ONEDNN_MIN_ELEMENTS} "
+                "elements")
     return None
 
 
 def wide_positions(call):
     """How many rows of a call's `(rows, channels)` view the wide-view
-    kernel puts side by side, or `None` where that kernel does not serve.
+    kernel puts side by side, or `None` where it does not serve.
 
     It serves a float32 call on the last axis alone, without a mask, ghost
-    batches or synchronization, of at most `WIDE_MAX_CHANNELS` channels
-    and fewer than `WIDE_MAX_ELEMENTS` elements: `positions` is the
-    smallest power of two for which a row holds a multiple of `WIDE_ROW`
-    entries, or the largest power of two that divides the rows if that is
-    smaller, as long as a row holds at least `WIDE_MIN_ROW` entries.
+    batches or synchronization, with at most `WIDE_MAX_CHANNELS` channels
+    and fewer than `WIDE_MAX_ELEMENTS` elements: the smallest power of two
+    of rows that holds a multiple of `WIDE_ROW` entries, or the largest
+    that divides the rows if smaller, of at least `WIDE_MIN_ROW` entries.
     """
     channels = call.channels
     if (
@@ -360,13 +359,9 @@ def wide_positions(call):
 
 
 def _choose_torch(call):
-    """The path on the torch backend: PyTorch's kernel wherever it serves.
-
-    In training it computes the statistics and the normalization in one
-    kernel, and the gradient in one, where the `keras.ops` path runs a
-    dozen element-wise ops and reductions with their temporaries; in
-    inference it normalizes in one pass without a temporary.
-    """
+    """The path on the torch backend: PyTorch's kernel wherever it serves
+    (statistics and normalization in one kernel, the gradient in one),
+    except for few channels in training."""
     problems = torch_problems(call)
     if call.fused:
         if problems:
@@ -375,6 +370,11 @@ def _choose_torch(call):
     if problems:
         return Path(OPS, f"{_TORCH_KERNEL} cannot serve: "
                     + "; ".join(problems))
+    if call.training and (call.channels or TORCH_MIN_CHANNELS) < (
+        TORCH_MIN_CHANNELS
+    ):
+        return Path(OPS, f"{_TORCH_KERNEL} is slow in training for fewer "
+                    f"than {TORCH_MIN_CHANNELS} channels on the last axis")
     if call.training:
         return Path(TORCH, f"{_TORCH_KERNEL}: statistics and normalization "
                     "in one kernel, the gradient in one")

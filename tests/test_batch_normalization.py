@@ -1323,6 +1323,14 @@ class DispatchTest(test_case.LayerTestCase):
                                       "dtype": "bfloat16"}, "fused"),
         ("onednn_odd_channels_mask", {"channels": 30, "masked": True,
                                       "elements": 30 * 64}, "ops"),
+        # And under 2**17 elements, whatever the channels.
+        ("onednn_small", {"elements": 2**16}, "ops"),
+        ("onednn_small_few_channels", {"channels": 8, "elements": 2**15},
+         "wide"),
+        ("onednn_at_the_threshold", {"channels": 512, "elements": 2**17},
+         "fused"),
+        ("onednn_small_half", {"elements": 2**10, "dtype": "float16"},
+         "fused"),
     )
     def test_rules(self, changes, expected):
         from keras_bn import _dispatch
@@ -1431,6 +1439,14 @@ class DispatchTest(test_case.LayerTestCase):
         ("inference_empty", {"training": False, "elements": 0}, "torch"),
         ("fused_true", {"fused": True}, "torch"),
         ("fused_false", {"fused": False}, "ops"),
+        # PyTorch's channels-last training kernel is slow for few channels.
+        ("few_channels", {"channels": 4}, "ops"),
+        ("eight_channels", {"channels": 8}, "torch"),
+        ("few_channels_inference", {"channels": 3, "training": False},
+         "torch"),
+        ("few_channels_fused_true", {"channels": 3, "fused": True}, "torch"),
+        ("channels_first_few", {"channels": None, "last_axis_only": False},
+         "torch"),
     )
     def test_torch_rules(self, changes, expected):
         from keras_bn import _dispatch
