@@ -24,3 +24,12 @@ def squared_difference(x, y):
 
         return tf.math.squared_difference(x, y)
     return ops.square(x - y)
+
+
+def no_gradient(value):
+    """The gradient a custom gradient hands back for an input that has
+    none: TensorFlow takes `None`, which saves ops in every step of a
+    loop; JAX needs zeros."""
+    if backend.backend() == "tensorflow":
+        return None
+    return ops.zeros_like(value)

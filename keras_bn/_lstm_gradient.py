@@ -17,6 +17,7 @@ from typing import NamedTuple
 from keras import ops
 from keras import tree
 
+from keras_bn import _backend_ops
 from keras_bn import _scan
 from keras_bn import _statistics
 
@@ -89,7 +90,7 @@ def train_lstm(inputs, states, weights, optional, epsilon, unroll,
                 d_c_last = ops.zeros_like(kept["c_last"])
             grads = backward(d_hidden, d_c_last, kept, args)
             grads["optional"] = {
-                k: _statistics.no_gradient(v)
+                k: _backend_ops.no_gradient(v)
                 for k, v in args["optional"].items()
             }
             return tuple(tree.flatten(grads))

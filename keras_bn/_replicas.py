@@ -12,6 +12,18 @@ import functools
 from keras import backend
 
 
+def check_backend(synchronized):
+    """Raises a `ValueError` for `synchronized=True` on a backend that
+    cannot synchronize (NumPy, OpenVINO)."""
+    if synchronized and backend.backend() not in ("tensorflow", "jax", "torch"):
+        raise ValueError(
+            "Argument `synchronized=True` needs the TensorFlow, JAX or "
+            "PyTorch backend. Received: "
+            f"synchronized={synchronized!r} with the "
+            f"{backend.backend()} backend"
+        )
+
+
 def replica_context():
     """The group a synchronized layer reduces over, or `None`.
 

@@ -451,15 +451,6 @@ def step_count(count, mask):
     return ops.reshape(count, (-1,))
 
 
-def no_gradient(value):
-    """The gradient a custom gradient hands back for an input that has
-    none: TensorFlow takes `None`, which saves ops in every step of a
-    loop; JAX needs zeros."""
-    if backend.backend() == "tensorflow":
-        return None
-    return ops.zeros_like(value)
-
-
 def step_moments(value, mask):
     """The batch `Moments` of one step of a recurrent layer (axis 0), the
     mean and variance `(1, features)`, the count `(1,)`."""
@@ -530,7 +521,7 @@ def normalize_step(value, gamma, beta, mask, epsilon):
                 dy, x_hat, inv_std, args["step"].count, args.get("mask"),
                 args["gamma"],
             )
-            grads = tree.map_structure(no_gradient, args)
+            grads = tree.map_structure(_backend_ops.no_gradient, args)
             grads.update(value=dx, gamma=dgamma)
             if "beta" in args:
                 grads["beta"] = dbeta

@@ -1,7 +1,6 @@
 """Batch normalization, a drop-in for `keras.layers.BatchNormalization`."""
 
 
-from keras import backend
 from keras import constraints
 from keras import initializers
 from keras import layers
@@ -11,6 +10,7 @@ from keras import saving
 
 from keras_bn import _dispatch
 from keras_bn import _layout
+from keras_bn import _replicas
 from keras_bn import _statistics
 from keras_bn import _validation
 
@@ -225,7 +225,7 @@ class BatchNormalization(layers.Layer):
         self.gamma_constraint = constraints.get(gamma_constraint)
         _check_renorm(type(self).__name__, renorm)
         synchronized = _validation.boolean("synchronized", synchronized)
-        _check_synchronized(synchronized)
+        _replicas.check_backend(synchronized)
         self.synchronized = synchronized
         self.virtual_batch_size = _validation.integer(
             "virtual_batch_size", virtual_batch_size, 1, allow_none=True
@@ -531,12 +531,3 @@ def _check_renorm(class_name, renorm):
             f"into one). Received: renorm={renorm!r}"
         )
 
-
-def _check_synchronized(synchronized):
-    if synchronized and backend.backend() not in ("tensorflow", "jax", "torch"):
-        raise ValueError(
-            "Argument `synchronized=True` needs the TensorFlow, JAX or "
-            "PyTorch backend. Received: "
-            f"synchronized={synchronized!r} with the "
-            f"{backend.backend()} backend"
-        )
