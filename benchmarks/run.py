@@ -61,7 +61,7 @@ QUICK_NORM_SHAPES = ((4, 4, 4, 8),)
 # (batch, timesteps, features); the layers get `features` units, except
 # where RECURRENT_UNITS says otherwise.
 FULL_RECURRENT_SHAPES = ((64, 100, 32), (64, 100, 128), (64, 100, 256))
-# The speed target of issue 16: inputs of 32 features into 128 units.
+# The recurrent layers' speed target: inputs of 32 features into 128 units.
 RECURRENT_UNITS = {(64, 100, 32): 128}
 QUICK_RECURRENT_SHAPES = ((4, 5, 8),)
 FULL_COPY_BYTES = 256 * 2**20

@@ -37,7 +37,7 @@ from keras_bn import _statistics
 def xla_moments(x, axes, mask=None):
     """The batch's `Moments` of `x` over `axes`, computed by the XLA
     kernel's compiled function."""
-    view = _layout.merged_view(_float(x), axes, mask)
+    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes, mask)
     functions = _xla_functions(len(view.x.shape))
     mean, variance, count = functions.moments(
         view.x, tuple(view.axes), _mask(view)
@@ -58,7 +58,7 @@ def xla_normalize(x, axes, mask, epsilon, scale, offset, moments=None):
     """
     import tensorflow as tf
 
-    view = _layout.merged_view(_float(x), axes, mask)
+    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes, mask)
     kernel_x, kernel_axes, kernel_mask = view.x, view.axes, _mask(view)
     functions = _xla_functions(len(kernel_x.shape))
     if moments is None and kernel_axes == [0] and len(kernel_x.shape) == 2:
@@ -139,7 +139,7 @@ def wide_normalize(
     """
     import tensorflow as tf
 
-    x = _float(x)
+    x = _statistics.in_statistics_dtype(x)
     channels = x.shape[-1]
     wide = _wide_view(x, positions)
     if moments is None:
@@ -181,15 +181,13 @@ def _wide_view(x, positions):
 
 
 def _kept(statistic, x):
-    """A `(1, channels)` statistic `keepdims` against `x`."""
+    """A per-channel statistic `keepdims` against `x` (last axis kept)."""
     import tensorflow as tf
 
-    return tf.reshape(statistic, [1] * (len(x.shape) - 1) + [x.shape[-1]])
-
-
-def _float(x):
-    """`x` in its statistics dtype (float32 or float64)."""
-    return _statistics.cast(x, _statistics.statistics_dtype(x.dtype))
+    rank = len(x.shape)
+    return tf.reshape(
+        statistic, _layout.kept_shape(x.shape, list(range(rank - 1)))
+    )
 
 
 def _float_like(value, x):

@@ -23,14 +23,10 @@ from keras_bn import _layout
 from keras_bn import _statistics
 
 
-def _in_statistics_dtype(x):
-    return _statistics.cast(x, _statistics.statistics_dtype(x.dtype))
-
-
 def moments(x, axes, mask=None, synchronized=False):
     """The batch's `Moments` of `x` over `axes`, `keepdims`; across
     replicas when `synchronized` (`_statistics.moments`)."""
-    view = _layout.merged_view(_in_statistics_dtype(x), axes, mask)
+    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes, mask)
     return _view_moments(view, synchronized)
 
 
@@ -38,7 +34,7 @@ def normalize(
     x, axes, mask, epsilon, scale, offset, moments=None, synchronized=False
 ):
     """Batch normalization of `x` over `axes` (see the module)."""
-    view = _layout.merged_view(_in_statistics_dtype(x), axes, mask)
+    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes, mask)
     if moments is None:
         moments = _view_moments(view, synchronized)
     total_scale, total_offset = _statistics.affine(
@@ -51,7 +47,7 @@ def normalize(
 
 def inference(x, axes, epsilon, scale, offset, mean, variance):
     """`x` normalized with the given statistics (see the module)."""
-    view = _layout.merged_view(_in_statistics_dtype(x), axes)
+    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes)
     total_scale, total_offset = _statistics.affine(
         *_like(view, mean, variance), epsilon,
         *_like(view, scale, offset),

@@ -71,6 +71,11 @@ def cast(x, dtype):
     return ops.cast(x, dtype)
 
 
+def in_statistics_dtype(x):
+    """`x` cast to its `statistics_dtype` (float32 or float64)."""
+    return cast(x, statistics_dtype(x.dtype))
+
+
 def _element_count(x, axes):
     """Number of elements of `x` along `axes`, as a float scalar tensor."""
     sizes = [x.shape[axis] for axis in axes]

@@ -57,19 +57,6 @@ class CountingBatches:
         return iter(self.batches)
 
 
-class XYBatches(keras.utils.PyDataset):
-    def __init__(self, x, y, batch_size):
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-
-    def __len__(self):
-        return -(-len(self.x) // self.batch_size)
-
-    def __getitem__(self, index):
-        window = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return self.x[window], self.y[window]
-
-
 def cycle(x, y, batch_size):
     """An endless generator of `(x, y)` batches."""
     while True:
@@ -149,7 +136,7 @@ class PreciseBNTest(test_case.LayerTestCase):
         ("array", lambda x, y: x, {}),
         ("x_y", lambda x, y: (x, y), {}),
         ("x_y_sample_weight", lambda x, y: (x, y, np.ones(len(x))), {}),
-        ("py_dataset", lambda x, y: XYBatches(x, y, 16), {}),
+        ("py_dataset", lambda x, y: test_case.XYBatches(x, y, 16), {}),
         ("tf_data_x_y", lambda x, y: tf_data().Dataset.from_tensor_slices(
             (x, y)).batch(16), {}),
         # Any 4 consecutive batches of the cycle are the 4 batches of x.

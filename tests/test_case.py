@@ -250,6 +250,26 @@ class LayerTestCase(parameterized.TestCase):
             )
 
 
+class XYBatches(keras.utils.PyDataset):
+    """`(x, y)` batches of `batch_size` as a `keras.utils.PyDataset`, with
+    a third element of ones (`sample_weight`) if `sample_weight`."""
+
+    def __init__(self, x, y, batch_size, sample_weight=False):
+        super().__init__()
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.sample_weight = sample_weight
+
+    def __len__(self):
+        return -(-len(self.x) // self.batch_size)
+
+    def __getitem__(self, index):
+        window = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        batch = (self.x[window], self.y[window])
+        if self.sample_weight:
+            batch += (np.ones(len(self.x[window])),)
+        return batch
+
+
 def core_signature_differences(ours, core, defaults_differ=()):
     """How `ours`'s constructor signature departs from `core`'s: it must
     list every one of `core`'s arguments by name, in `core`'s order and

@@ -625,19 +625,6 @@ def torch_xy_loader(x, y, batch_size):
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size)
 
 
-class XYPairs(keras.utils.PyDataset):
-    def __init__(self, x, y, batch_size):
-        super().__init__()
-        self.x, self.y, self.batch_size = x, y, batch_size
-
-    def __len__(self):
-        return -(-len(self.x) // self.batch_size)
-
-    def __getitem__(self, index):
-        window = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return self.x[window], self.y[window], np.ones(len(self.x[window]))
-
-
 class DataAsFitTakesItTest(test_case.LayerTestCase):
     """`data` is read as `model.fit` reads it, and only `x` is used."""
 
@@ -650,7 +637,8 @@ class DataAsFitTakesItTest(test_case.LayerTestCase):
         ("generator_x_y", lambda x, y, w: (
             (x[i : i + 32], y[i : i + 32]) for i in range(0, len(x), 32)
         )),
-        ("py_dataset_x_y_w", lambda x, y, w: XYPairs(x, y, 32)),
+        ("py_dataset_x_y_w", lambda x, y, w: test_case.XYBatches(
+            x, y, 32, sample_weight=True)),
         ("tf_data_x_y_w", lambda x, y, w: tf_data().Dataset.from_tensor_slices(
             (x, y, w)).batch(32)),
     )
