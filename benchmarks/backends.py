@@ -36,13 +36,7 @@ import subprocess
 import sys
 import time
 
-# This folder's profile.py would shadow the standard library's `profile`,
-# which torch imports (through cProfile): look here last.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
-sys.path.append(_HERE)
-
-import _cli  # noqa: E402
+import _cli
 
 BACKENDS = ("torch", "jax")
 FULL_SHAPES = ((64, 32, 32, 64), (256, 32, 32, 64), (1024, 512))
@@ -249,7 +243,7 @@ def main(argv=None):
     results = []
     for backend in args.backends:
         command = [
-            sys.executable, os.path.join(_HERE, "backends.py"),
+            sys.executable, os.path.abspath(__file__),
             "--child", backend, "--repeats", str(args.repeats),
         ] + (["--quick"] if args.quick else []) + (
             ["--threads", str(args.threads)] if args.threads else []

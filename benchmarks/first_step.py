@@ -1,20 +1,32 @@
-"""Time of the first training step of a model, keras_bn against core Keras.
+"""Time of a model's first training step or epoch, keras_bn against core.
 
-The first `train_on_batch` of a model traces its training function and
-compiles what must be compiled (the XLA kernel's shapes, when keras_bn
-takes it), then runs one step. This is what a new user waits for before
-the first epoch moves. The model is a small convolutional network with 10
-batch-normalization layers of different shapes (the worst case for
-per-shape compilation), built with `keras.layers.BatchNormalization` or
-`keras_bn.BatchNormalization`; everything else is equal.
+The first call of a model traces its training function and compiles what
+must be compiled, then runs. This is what a new user waits for before the
+first epoch moves. Two kinds of model:
+
+- `--model conv` (the default): a small convolutional network with 10
+  batch-normalization layers of different shapes (the worst case for
+  per-shape compilation), built with `keras.layers.BatchNormalization` or
+  `keras_bn.BatchNormalization`; it times the first `train_on_batch` and
+  the later steps.
+- `--model lstm`, `gru` or `stock`: `Input((20, 3))`, one recurrent layer
+  of 16 units and `Dense(1)`, fit with Adam on 256 sequences in batches of
+  32 (`lstm`, `gru`: `keras_bn.BNLSTM` against `keras.layers.LSTM`,
+  `keras_bn.BNGRU` against `keras.layers.GRU`), or the model of
+  `examples/stock_series.py --quick` (`stock`: `BNLSTM(16,
+  max_timesteps=20)` against `LSTM(16)`, 1,024 sequences in batches of
+  64, with validation data). It times the first `fit` epoch (tracing and
+  compilation included) and the third.
 
 Each measurement runs in a fresh Python process (compilation caches live
 as long as the process), the core and keras_bn processes alternating;
-the table gives the median of `--repeats` first steps of each and their
-ratio, and, for reference, the median time of the next steps.
+the table gives the medians of `--repeats` processes of each and their
+ratios. The backend is `KERAS_BACKEND`'s; `--jit-compile` compiles the
+model with `jit_compile=True`.
 
     python benchmarks/first_step.py
     python benchmarks/first_step.py --repeats 5 --batch-size 128
+    python benchmarks/first_step.py --model lstm --jit-compile
 """
 
 import argparse
@@ -28,6 +40,16 @@ import time
 
 import _cli
 
+MODELS = ("conv", "lstm", "gru", "stock")
+# Recurrent models: (core layer, keras_bn layer, sequences, batch size,
+# validation sequences, layer arguments).
+RECURRENT = {
+    "lstm": ("LSTM", "BNLSTM", 256, 32, 0, {}),
+    "gru": ("GRU", "BNGRU", 256, 32, 0, {}),
+    "stock": ("LSTM", "BNLSTM", 1024, 64, 256, {"max_timesteps": 20}),
+}
+EPOCHS = 3
+
 # Channels of the 10 batch-normalized layers: 8 convolutions, in pairs
 # between poolings, then 2 dense layers.
 CONV_CHANNELS = (8, 12, 16, 20, 24, 28, 32, 36)
@@ -36,9 +58,18 @@ DENSE_UNITS = (40, 44)
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(
-        description="Time the first training step (trace, compile and run) "
-        "of a model with 10 batch-normalization layers of different "
-        "shapes, keras_bn against core Keras, in fresh processes."
+        description="Time a model's first training step or epoch (trace, "
+        "compile and run), keras_bn against core Keras, in fresh processes."
+    )
+    parser.add_argument(
+        "--model", choices=MODELS, default="conv",
+        help="conv (10 batch-normalization layers, first train_on_batch), "
+        "or lstm, gru or stock (one recurrent layer, first fit epoch) "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--jit-compile", action="store_true",
+        help="compile the model with jit_compile=True",
     )
     parser.add_argument(
         "--repeats", type=_cli.positive_int, default=3,
@@ -46,7 +77,7 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--batch-size", type=_cli.positive_int, default=128,
-        help="examples per step (default: %(default)s)",
+        help="examples per step of the conv model (default: %(default)s)",
     )
     parser.add_argument(
         "--image-size", type=_cli.positive_int, default=32,
@@ -68,7 +99,7 @@ def parse_args(argv):
     return args
 
 
-def build_model(implementation, image_size):
+def build_model(implementation, image_size, jit_compile):
     import keras
 
     if implementation == "core":
@@ -94,20 +125,20 @@ def build_model(implementation, image_size):
     model.compile(
         optimizer="sgd",
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=jit_compile,
     )
     return model
 
 
-def worker(args):
-    """Runs in a fresh process: prints the first and later step times."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+def conv_times(args):
+    """The first `train_on_batch` and the median of the next five."""
     import numpy as np
 
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.image_size, args.image_size, 3)
     x = rng.normal(size=shape).astype("float32")
     y = rng.integers(0, 10, args.batch_size)
-    model = build_model(args.worker, args.image_size)
+    model = build_model(args.worker, args.image_size, args.jit_compile)
     start = time.perf_counter()
     model.train_on_batch(x, y)
     first = time.perf_counter() - start
@@ -116,7 +147,48 @@ def worker(args):
         start = time.perf_counter()
         model.train_on_batch(x, y)
         later.append(time.perf_counter() - start)
-    print(json.dumps({"first": first, "step": statistics.median(later)}))
+    return {"first": first, "later": statistics.median(later)}
+
+
+def recurrent_times(args):
+    """The first and the last of `EPOCHS` `fit` epochs, in seconds."""
+    import keras
+    import numpy as np
+
+    core, ours, n, batch_size, n_val, kwargs = RECURRENT[args.model]
+    if args.worker == "core":
+        layer = getattr(keras.layers, core)(16)
+    else:
+        import keras_bn
+
+        layer = getattr(keras_bn, ours)(16, **kwargs)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((20, 3)), layer, keras.layers.Dense(1)]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="mse",
+                  jit_compile=args.jit_compile)
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n + n_val, 20, 3)).astype("float32")
+    y = x[:, -5:, 0].mean(axis=1, keepdims=True)
+    ends = []
+
+    class Clock(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            ends.append(time.perf_counter())
+
+    validation = (x[n:], y[n:]) if n_val else None
+    start = time.perf_counter()
+    model.fit(x[:n], y[:n], batch_size=batch_size, epochs=EPOCHS,
+              validation_data=validation, verbose=0, callbacks=[Clock()])
+    return {"first": ends[0] - start, "later": ends[-1] - ends[-2]}
+
+
+def worker(args):
+    """Runs in a fresh process: prints the first and later times."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    times = conv_times(args) if args.model == "conv" else recurrent_times(args)
+    print(json.dumps(times))
 
 
 def main(argv=None):
@@ -129,12 +201,14 @@ def main(argv=None):
         order = ("core", "keras_bn") if i % 2 == 0 else ("keras_bn", "core")
         for implementation in order:
             print(f"[{i + 1}/{args.repeats}] {implementation}", file=sys.stderr)
-            done = subprocess.run(
-                [sys.executable, __file__, "--worker", implementation,
-                 "--batch-size", str(args.batch_size),
-                 "--image-size", str(args.image_size)],
-                capture_output=True, text=True,
-            )
+            command = [
+                sys.executable, __file__, "--worker", implementation,
+                "--model", args.model, "--batch-size", str(args.batch_size),
+                "--image-size", str(args.image_size),
+            ]
+            if args.jit_compile:
+                command.append("--jit-compile")
+            done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"The {implementation} worker failed:\n"
                          f"{done.stderr[-3000:]}")
@@ -144,26 +218,43 @@ def main(argv=None):
     medians = {
         name: {
             key: statistics.median(r[key] for r in runs)
-            for key in ("first", "step")
+            for key in ("first", "later")
         }
         for name, runs in results.items()
     }
-    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
-    print(
-        f"First training step, batch {args.batch_size}, "
-        f"{args.image_size}x{args.image_size} images, 10 batch-normalization "
-        f"layers; TF_ENABLE_ONEDNN_OPTS={onednn}; medians of "
-        f"{args.repeats} fresh processes each.\n"
-    )
+    print(describe(args) + f"; medians of {args.repeats} fresh processes "
+          "each.\n")
     print("| | core s | keras_bn s | keras_bn / core |")
     print("| --- | ---: | ---: | ---: |")
-    for key, label in (("first", "first step"), ("step", "later step")):
+    unit = "step" if args.model == "conv" else "epoch"
+    labels = (f"first {unit}",
+              "later step" if unit == "step" else f"epoch {EPOCHS}")
+    for key, label in zip(("first", "later"), labels):
         core, ours = medians["core"][key], medians["keras_bn"][key]
         print(f"| {label} | {core:.3g} | {ours:.3g} | {ours / core:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(
         json.dumps({"runs": results, "medians": medians}, indent=1)
     )
+
+
+def describe(args):
+    """The model, backend and settings a table was measured with."""
+    import keras
+
+    if args.model == "conv":
+        text = (f"First training step, batch {args.batch_size}, "
+                f"{args.image_size}x{args.image_size} images, 10 "
+                "batch-normalization layers")
+    else:
+        core, ours, n, batch_size, n_val, kwargs = RECURRENT[args.model]
+        text = (f"First fit epoch and epoch {EPOCHS}, {ours} against {core}, "
+                f"16 units, {n} sequences of 20 steps, batch {batch_size}")
+        if n_val:
+            text += f", {n_val} validation sequences"
+    onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
+    return (f"{text}; backend {keras.backend.backend()}, jit_compile="
+            f"{args.jit_compile}, TF_ENABLE_ONEDNN_OPTS={onednn}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@
 #      compile for the GPU, and the mixed_float16 / mixed_bfloat16 cases
 #      run in half precision on the device;
 #   2. the batch-normalization, renormalization and BNLSTM rows of
-#      benchmarks/run.py, and profile.py's pieces.
+#      benchmarks/run.py, and profile_step.py's pieces.
 # Every result goes into the folder given as the only argument.
 #
 #   pip install -e ".[tests]" && bash benchmarks/gpu_check.sh out/gpu
@@ -63,7 +63,7 @@ timeout 240 python benchmarks/run.py --repeats 20 --out "$out/benchmarks" \
   --only "^Batch(Normalization|Renormalization)[^ ]* \((64, 32, 32, 64|4096, 1024|64, 100, 256)\)" \
   --only "^LSTM \(64, 100, 128\)" \
   > "$out/benchmarks.md" 2> "$out/benchmarks.log" || status=1
-timeout 60 python benchmarks/profile.py --repeats 30 \
+timeout 60 python benchmarks/profile_step.py --repeats 30 \
   > "$out/profile.md" 2> "$out/profile.log" || status=1
 echo "Results in $out (exit status $status)"
 exit $status

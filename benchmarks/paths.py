@@ -23,14 +23,9 @@ import argparse
 import dataclasses
 import os
 import statistics
-import sys
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-if __name__ == "__main__":
-    # The repository root, not benchmarks/, whose profile.py would shadow
-    # the standard library's `profile` (which torch imports).
-    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = (
     (64, 32, 32, 64),
@@ -48,7 +43,7 @@ EPSILON = 1e-3
 
 
 def _parse(argv):
-    from benchmarks import _cli
+    import _cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(

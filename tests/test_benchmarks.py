@@ -15,7 +15,7 @@ from tests import test_case
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 RUN = REPO / "benchmarks" / "run.py"
-PROFILE = REPO / "benchmarks" / "profile.py"
+PROFILE = REPO / "benchmarks" / "profile_step.py"
 JAX_STEP = REPO / "benchmarks" / "jax_step.py"
 FIRST_STEP = REPO / "benchmarks" / "first_step.py"
 MODELS = REPO / "benchmarks" / "models.py"
@@ -161,7 +161,7 @@ def table_rows(stdout):
 
 
 class ScriptTablesTest(parameterized.TestCase):
-    """profile.py and jax_step.py: a table of positive timings."""
+    """profile_step.py and jax_step.py: a table of positive timings."""
 
     def run_to_rows(self, script):
         result = test_case.run_script(
@@ -229,20 +229,24 @@ class ScriptTablesTest(parameterized.TestCase):
                 # Keras's chain of ops.
                 self.assertLess(memory, 1.0, row)
 
+    @parameterized.named_parameters(
+        ("conv", ["--batch-size", "4", "--image-size", "16"],
+         ["first step", "later step"]),
+        ("gru", ["--model", "gru"], ["first epoch", "epoch 3"]),
+    )
     @pytest.mark.slow
-    def test_first_step_reports_both_models(self):
+    def test_first_step_reports_both_models(self, options, labels):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
         result = test_case.run_script(
-            FIRST_STEP, "--repeats", "1", "--batch-size", "4",
-            "--image-size", "16", "--out", tmp.name, timeout=300,
+            FIRST_STEP, "--repeats", "1", *options, "--out", tmp.name,
+            timeout=300,
         )
         self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
         rows = table_rows(result.stdout)
-        self.assertEqual([row[0] for row in rows],
-                         ["first step", "later step"])
+        self.assertEqual([row[0] for row in rows], labels)
         report = json.loads(pathlib.Path(tmp.name, "results.json").read_text())
-        for (name, core, ours, ratio), key in zip(rows, ("first", "step")):
+        for (name, core, ours, ratio), key in zip(rows, ("first", "later")):
             medians = report["medians"]
             self.assertAlmostEqual(
                 float(ratio),
@@ -322,6 +326,8 @@ class ScriptTablesTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("first_step_repeats", FIRST_STEP, ["--repeats", "0"],
          "Received: '0'"),
+        ("first_step_model", FIRST_STEP, ["--model", "rnn"],
+         "invalid choice: 'rnn'"),
         ("bad_shape", PROFILE, ["--shape", "4,x"], "Received: 4,x"),
         ("one_axis", PROFILE, ["--shape", "8"], "Received: (8,)"),
         ("zero_repeats", PROFILE, ["--repeats", "0"], "Received: 0"),

@@ -12,8 +12,8 @@ and the whole steps of core Keras, keras_bn and tf-keras (when
 installed). `docs/performance.md` quotes its output where a
 speed target is missed.
 
-    python benchmarks/profile.py
-    python benchmarks/profile.py --shape 4096,1024 --repeats 30
+    python benchmarks/profile_step.py
+    python benchmarks/profile_step.py --shape 4096,1024 --repeats 30
 """
 
 import os
