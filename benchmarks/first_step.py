@@ -38,16 +38,29 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import _cli
 
+
+class Recurrent(NamedTuple):
+    """A recurrent model: the core and keras_bn layers of 16 units, the
+    training and validation sequences, and keras_bn's extra arguments."""
+
+    core: str
+    ours: str
+    sequences: int
+    batch_size: int
+    validation: int = 0
+    arguments: dict = {}
+
+
 MODELS = ("conv", "lstm", "gru", "stock")
-# Recurrent models: (core layer, keras_bn layer, sequences, batch size,
-# validation sequences, layer arguments).
 RECURRENT = {
-    "lstm": ("LSTM", "BNLSTM", 256, 32, 0, {}),
-    "gru": ("GRU", "BNGRU", 256, 32, 0, {}),
-    "stock": ("LSTM", "BNLSTM", 1024, 64, 256, {"max_timesteps": 20}),
+    "lstm": Recurrent("LSTM", "BNLSTM", 256, 32),
+    "gru": Recurrent("GRU", "BNGRU", 256, 32),
+    "stock": Recurrent("LSTM", "BNLSTM", 1024, 64, validation=256,
+                       arguments={"max_timesteps": 20}),
 }
 EPOCHS = 5
 
@@ -163,13 +176,14 @@ def recurrent_times(args):
     import keras
     import numpy as np
 
-    core, ours, n, batch_size, n_val, kwargs = RECURRENT[args.model]
+    spec = RECURRENT[args.model]
+    n, n_val = spec.sequences, spec.validation
     if args.worker == "core":
-        layer = getattr(keras.layers, core)(16)
+        layer = getattr(keras.layers, spec.core)(16)
     else:
         import keras_bn
 
-        layer = getattr(keras_bn, ours)(16, **kwargs)
+        layer = getattr(keras_bn, spec.ours)(16, **spec.arguments)
     keras.utils.set_random_seed(0)
     model = keras.Sequential(
         [keras.Input((20, 3)), layer, keras.layers.Dense(1)]
@@ -187,7 +201,7 @@ def recurrent_times(args):
 
     validation = (x[n:], y[n:]) if n_val else None
     start = time.perf_counter()
-    model.fit(x[:n], y[:n], batch_size=batch_size, epochs=EPOCHS,
+    model.fit(x[:n], y[:n], batch_size=spec.batch_size, epochs=EPOCHS,
               validation_data=validation, verbose=0, callbacks=[Clock()])
     later = [end - begin for begin, end in zip(ends, ends[1:])]
     return {"first": ends[0] - start, "later": statistics.median(later)}
@@ -255,12 +269,13 @@ def describe(args):
                 f"{args.image_size}x{args.image_size} images, 10 "
                 "batch-normalization layers")
     else:
-        core, ours, n, batch_size, n_val, kwargs = RECURRENT[args.model]
+        spec = RECURRENT[args.model]
         text = (f"First fit epoch and the median of the {EPOCHS - 1} after "
-                f"it, {ours} against {core}, 16 units, {n} sequences of 20 "
-                f"steps, batch {batch_size}")
-        if n_val:
-            text += f", {n_val} validation sequences"
+                f"it, {spec.ours} against {spec.core}, 16 units, "
+                f"{spec.sequences} sequences of 20 steps, batch "
+                f"{spec.batch_size}")
+        if spec.validation:
+            text += f", {spec.validation} validation sequences"
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset")
     return (f"{text}; backend {keras.backend.backend()}, jit_compile="
             f"{jit_compile(args)!r}, TF_ENABLE_ONEDNN_OPTS={onednn}")

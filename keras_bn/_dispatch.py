@@ -370,8 +370,8 @@ def _choose_torch(call):
     if problems:
         return Path(OPS, f"{_TORCH_KERNEL} cannot serve: "
                     + "; ".join(problems))
-    if call.training and (call.channels or TORCH_MIN_CHANNELS) < (
-        TORCH_MIN_CHANNELS
+    if call.training and call.channels and (
+        call.channels < TORCH_MIN_CHANNELS
     ):
         return Path(OPS, f"{_TORCH_KERNEL} is slow in training for fewer "
                     f"than {TORCH_MIN_CHANNELS} channels on the last axis")

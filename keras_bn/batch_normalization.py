@@ -530,4 +530,3 @@ def _check_renorm(class_name, renorm):
             "(`from_config` turns a core Keras config with `renorm=True` "
             f"into one). Received: renorm={renorm!r}"
         )
-
