@@ -1,7 +1,6 @@
 """Tests of examples/text_generation.py, run as a user runs it, and of its
 stateful sampler against a full-sequence pass."""
 
-import importlib.util
 import json
 import math
 import os
@@ -14,15 +13,9 @@ import pytest
 
 import keras_bn
 from tests import test_case
+from tests.test_examples import load_example
 
 SCRIPT = test_case.REPO / "examples" / "text_generation.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("text_generation", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def _run(*args, timeout=300):
@@ -91,7 +84,7 @@ def test_bad_input_exits_2_with_one_line():
 
 @pytest.mark.parametrize("kind", ["BNLSTM", "LSTM"])
 def test_sampler_equals_a_full_sequence_pass(kind):
-    example = _example()
+    example = load_example("text_generation")
     vocab = list("abcde ")
     keras.utils.set_random_seed(0)
     model = example.build(keras, keras_bn, kind, len(vocab), 8)
