@@ -51,10 +51,12 @@ FUSED_DTYPES = ("float16", "bfloat16", "float32")
 HALF_DTYPES = ("float16", "bfloat16")
 TORCH_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _TORCH_KERNEL = "PyTorch's batch-normalization kernel"
-# Below this many elements a step gains less from the XLA kernel than the
-# kernel's compilation costs over thousands of
-# steps, so `fused=None` leaves such calls to the other paths.
+# Below this many elements a step gains less from the XLA kernel than its
+# compilation costs over thousands of steps: other paths serve such calls.
 XLA_MIN_ELEMENTS = 2**20
+# Against Eigen's fused kernel (oneDNN off) the XLA kernel gains less: below
+# this many elements its compilation pays back after hundreds of steps.
+XLA_OVER_EIGEN_MIN_ELEMENTS = 2**21
 # With this many channels or fewer, and fewer elements than this, the wide
 # view's kernel runs as fast as the XLA kernel with nothing to compile
 # (oneDNN off); its rows hold a multiple of `WIDE_ROW` entries.
@@ -123,10 +125,9 @@ class Path:
 
 
 class Kernel(NamedTuple):
-    """The functions of tensors a path runs (signatures in
-    `_ops_kernels`): `normalize` in training, `moments` alone (`None`
-    where the kernel computes them only as it normalizes; `corrected` then
-    takes a scale and offset that are a function of them) and `inference`.
+    """The functions of tensors a path runs (signatures in `_ops_kernels`);
+    `moments` is `None` where a kernel computes them only as it normalizes
+    (`corrected` then takes a scale and offset that are a function of them).
     """
 
     normalize: Callable
@@ -139,24 +140,22 @@ def kernel(path, synchronized=False):
     """The `Kernel` of `path`; `synchronized` reduces the statistics
     across replicas (only the `keras.ops` kernel serves that)."""
     if path.name == OPS:
-        return Kernel(
-            functools.partial(_ops_kernels.normalize,
-                              synchronized=synchronized),
-            functools.partial(_ops_kernels.moments,
-                              synchronized=synchronized),
-            _ops_kernels.inference,
-        )
+        # XLA reduces one merged axis faster than a run of axes;
+        # TensorFlow's own kernels merge adjacent axes themselves.
+        merge = backend.backend() != "tensorflow" or xla_compiling()
+        both = {"synchronized": synchronized, "merge_axes": merge}
+        return Kernel(functools.partial(_ops_kernels.normalize, **both),
+                      functools.partial(_ops_kernels.moments, **both),
+                      functools.partial(_ops_kernels.inference,
+                                        merge_axes=merge))
     if path.name == XLA:
         return Kernel(_kernels.xla_normalize, _kernels.xla_moments,
                       _ops_kernels.inference)
     if path.name == WIDE:
-        return Kernel(
-            functools.partial(_kernels.wide_normalize,
-                              positions=path.positions),
-            functools.partial(_kernels.wide_moments,
-                              positions=path.positions),
-            _ops_kernels.inference,
-        )
+        wide = {"positions": path.positions}
+        return Kernel(functools.partial(_kernels.wide_normalize, **wide),
+                      functools.partial(_kernels.wide_moments, **wide),
+                      _ops_kernels.inference)
     if path.name == FUSED:
         return Kernel(_kernels.fused_normalize, None,
                       _kernels.fused_inference, _kernels.fused_corrected)
@@ -209,7 +208,15 @@ def choose(call):
         if problems:
             return Path(OPS, _cannot_fuse(problems))
         return Path(FUSED, f"TensorFlow's kernel on the {call.device}")
-    small = call.elements is not None and call.elements < XLA_MIN_ELEMENTS
+    return _choose_cpu(call, xla_kernel, problems)
+
+
+def _choose_cpu(call, xla_kernel, problems):
+    """`choose` for a training call on a CPU, outside XLA compilation."""
+    floor = XLA_MIN_ELEMENTS
+    if not call.onednn and not problems:
+        floor = XLA_OVER_EIGEN_MIN_ELEMENTS
+    small = call.elements is not None and call.elements < floor
     slow = slow_cpu_kernel(call)
     positions = wide_positions(call)
     if positions and slow:
@@ -231,13 +238,16 @@ def choose(call):
                         else f"{XLA_KERNEL_VARIABLE}=0")
                        + " rules out the XLA kernel"]
     elif call.dtype in ("float32", "float64"):
-        without_xla = [f"under {XLA_MIN_ELEMENTS} elements the XLA kernel's "
+        without_xla = [f"under {floor} elements the XLA kernel's "
                        "compilation costs more than it saves"]
     else:
         without_xla = []
     if problems:
         return Path(OPS, "; ".join([_cannot_fuse(problems)] + without_xla))
-    if slow and call.dtype == "float32" and (small or call.onednn):
+    if slow and call.dtype == "float32" and (
+        call.onednn or call.elements is not None
+        and call.elements < XLA_MIN_ELEMENTS
+    ):
         # Above 2**20 elements Eigen's kernel is the faster of the two.
         return Path(OPS, "; ".join(
             [f"{slow}; the keras.ops path is faster than it, with nothing "
@@ -452,20 +462,14 @@ def recurrent_loop_problems(backend, has_written_gradient, paper_activations):
 
 
 def choose_recurrent_loop(written_gradient, problems, training):
-    """The loop a recurrent layer's call runs, and why.
-
-    `"written"`, `BNLSTM`'s loop with its gradient written out, keeps only
-    `h`, `c`, the normalized recurrent product and the statistics of each
-    step, where the framework, differentiating the step loop, keeps every
-    intermediate of every op; `"generic"` is the step loop. As Keras's
-    `LSTM(use_cudnn=...)`: `written_gradient=None` lets keras_bn choose
-    (the written loop wherever it serves a training call), `True` requires
-    it, `False` rules it out. Inference runs the step loop.
-
-    Raises:
-        ValueError: If `written_gradient=True` and `problems` (from
-            `recurrent_loop_problems`) says why the written loop cannot
-            serve.
+    """The loop a recurrent layer's call runs, and why: `"written"`,
+    `BNLSTM`'s loop with its gradient written out (it keeps `h`, `c`, the
+    normalized recurrent product and each step's statistics, where a
+    differentiated loop keeps every intermediate), or `"generic"`, the step
+    loop, which inference runs. As Keras's `LSTM(use_cudnn=...)`:
+    `written_gradient=None` lets keras_bn choose, `True` requires the
+    written loop (a `ValueError` names the `problems` from
+    `recurrent_loop_problems`), `False` rules it out.
     """
     if written_gradient is False:
         return Path(GENERIC_LOOP, "written_gradient=False")
@@ -488,13 +492,9 @@ def choose_recurrent_loop(written_gradient, problems, training):
 
 def fused_problems(call):
     """Why TensorFlow's fused kernel cannot serve `call` (empty: it can).
-
-    Under XLA (`jit_compile=True`) a training call is one of them: XLA
-    replaces the kernel with its own expansion, which computes the batch
-    variance as `E[x**2] - E[x]**2` in float32, without a clamp, so that a
-    large mean against a small spread gives a wrong, even negative,
-    variance. Inference with the moving statistics is not affected.
-    """
+    Under XLA a training call cannot: XLA's expansion of the kernel computes
+    the variance as `E[x**2] - E[x]**2` in float32, without a clamp, wrong
+    (even negative) for a large mean against a small spread."""
     problems = _call_problems(call, FUSED_DTYPES, config_problems(
         call.backend, call.last_axis_only, call.ghost, call.epsilon
     ))

@@ -3,7 +3,9 @@ axes, the merged view its `keras.ops` path works on, and its mask.
 
 The view merges every run of adjacent reduced axes, and every run of
 adjacent normalized axes, into one axis: `(64, 32, 32, 64)` normalized on
-its last axis is worked on as `(65536, 64)`, with the same numbers.
+its last axis is worked on as `(65536, 64)`, with the same numbers. The
+plain view (`plain_view`) is the input itself, for backends that merge
+adjacent axes in their own kernels.
 """
 
 from typing import Any
@@ -102,7 +104,8 @@ class View(NamedTuple):
         x: The merged view.
         axes: The reduced axes of the view.
         mask: The mask in the view, or `None`.
-        groups: The runs of axes (`adjacent_runs`) of the input.
+        groups: The runs of axes (`adjacent_runs`) of the input; `None`
+            for a plain view, which is the input itself.
         shape: The input's shape.
         reduced: The reduced axes of the input.
     """
@@ -117,19 +120,21 @@ class View(NamedTuple):
     def of(self, value):
         """A statistic or weight (`keepdims` against the input, or a
         scalar) in the view."""
-        if len(value.shape) == 0:
+        if len(value.shape) == 0 or self.groups is None:
             return value
         return to_view(value, self.groups)
 
     def statistic(self, value):
         """A statistic of the view (`keepdims`, or a scalar) in the
         input's `keepdims` shape."""
-        if len(value.shape) == 0:
+        if len(value.shape) == 0 or self.groups is None:
             return value
         return ops.reshape(value, kept_shape(self.shape, self.reduced))
 
     def output(self, y):
         """A tensor like the view, in the input's shape."""
+        if self.groups is None:
+            return y
         return ops.reshape(y, self.shape)
 
 
@@ -147,6 +152,16 @@ def merged_view(x, axes, mask=None):
         shape=ops.shape(x),
         reduced=axes,
     )
+
+
+def plain_view(x, axes, mask=None):
+    """`x` itself as a `View`, reduced over `axes`: for TensorFlow's own
+    kernels, which merge adjacent axes themselves, the merged view's
+    reshapes would only add ops to trace."""
+    rank = len(x.shape)
+    axes = sorted(a % rank for a in axes)
+    return View(x=x, axes=axes, mask=mask, groups=None, shape=ops.shape(x),
+                reduced=axes)
 
 
 def kept_shape(shape, reduced):

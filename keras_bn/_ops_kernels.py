@@ -2,8 +2,10 @@
 
 The path every configuration can take (`_dispatch.OPS`): two-pass moments
 (`_statistics.moments`) and `x * scale + offset`, on the merged view of the
-input (`_layout.merged_view`), which XLA and the backends reduce faster
-than several axes, with the same numbers. The gradient is the framework's.
+input (`_layout.merged_view`), which XLA reduces faster than several axes,
+with the same numbers, or with `merge_axes=False` on the input itself
+(TensorFlow's kernels merge adjacent axes themselves). The gradient is the
+framework's.
 
 Like the other kernels (`_kernels` on TensorFlow, `_torch_kernels` on
 torch), these are functions of tensors with one signature:
@@ -23,36 +25,54 @@ from keras_bn import _layout
 from keras_bn import _statistics
 
 
-def moments(x, axes, mask=None, synchronized=False):
+def moments(x, axes, mask=None, synchronized=False, merge_axes=True):
     """The batch's `Moments` of `x` over `axes`, `keepdims`; across
     replicas when `synchronized` (`_statistics.moments`)."""
-    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes, mask)
-    return _view_moments(view, synchronized)
+    view = _view(x, axes, mask, merge_axes)
+    return _kept(view, _statistics.moments(
+        view.x, view.axes, view.mask, synchronized=synchronized
+    ))
 
 
 def normalize(
-    x, axes, mask, epsilon, scale, offset, moments=None, synchronized=False
+    x, axes, mask, epsilon, scale, offset, moments=None, synchronized=False,
+    merge_axes=True,
 ):
     """Batch normalization of `x` over `axes` (see the module)."""
-    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes, mask)
+    view = _view(x, axes, mask, merge_axes)
     if moments is None:
-        moments = _view_moments(view, synchronized)
+        # The view's own moments serve the affine; only the returned ones
+        # go back to the input's `keepdims` shape.
+        mean, variance, count = _statistics.moments(
+            view.x, view.axes, view.mask, synchronized=synchronized
+        )
+        moments = _kept(view, (mean, variance, count))
+    else:
+        mean, variance = view.of(moments.mean), view.of(moments.variance)
     total_scale, total_offset = _statistics.affine(
-        view.of(moments.mean), view.of(moments.variance), epsilon,
-        *_like(view, scale, offset),
+        mean, variance, epsilon, *_like(view, scale, offset)
     )
     outputs = view.output(view.x * total_scale + total_offset)
     return _statistics.Normalized(outputs, moments)
 
 
-def inference(x, axes, epsilon, scale, offset, mean, variance):
+def inference(
+    x, axes, epsilon, scale, offset, mean, variance, merge_axes=True
+):
     """`x` normalized with the given statistics (see the module)."""
-    view = _layout.merged_view(_statistics.in_statistics_dtype(x), axes)
+    view = _view(x, axes, None, merge_axes)
     total_scale, total_offset = _statistics.affine(
         *_like(view, mean, variance), epsilon,
         *_like(view, scale, offset),
     )
     return view.output(view.x * total_scale + total_offset)
+
+
+def _view(x, axes, mask, merge_axes):
+    x = _statistics.in_statistics_dtype(x)
+    if merge_axes:
+        return _layout.merged_view(x, axes, mask)
+    return _layout.plain_view(x, axes, mask)
 
 
 def _like(view, *values):
@@ -62,10 +82,7 @@ def _like(view, *values):
     ]
 
 
-def _view_moments(view, synchronized):
-    mean, variance, count = _statistics.moments(
-        view.x, view.axes, view.mask, synchronized=synchronized
-    )
-    return _statistics.Moments(
-        view.statistic(mean), view.statistic(variance), view.statistic(count)
-    )
+def _kept(view, moments):
+    """`(mean, variance, count)` of the view as `Moments`, `keepdims`
+    against the input."""
+    return _statistics.Moments(*(view.statistic(v) for v in moments))
