@@ -54,9 +54,6 @@ _TORCH_KERNEL = "PyTorch's batch-normalization kernel"
 # Below this many elements a step gains less from the XLA kernel than its
 # compilation costs over thousands of steps: other paths serve such calls.
 XLA_MIN_ELEMENTS = 2**20
-# Against Eigen's fused kernel (oneDNN off) the XLA kernel gains less: below
-# this many elements its compilation pays back after hundreds of steps.
-XLA_OVER_EIGEN_MIN_ELEMENTS = 2**21
 # With this many channels or fewer, and fewer elements than this, the wide
 # view's kernel runs as fast as the XLA kernel with nothing to compile
 # (oneDNN off); its rows hold a multiple of `WIDE_ROW` entries.
@@ -213,10 +210,7 @@ def choose(call):
 
 def _choose_cpu(call, xla_kernel, problems):
     """`choose` for a training call on a CPU, outside XLA compilation."""
-    floor = XLA_MIN_ELEMENTS
-    if not call.onednn and not problems:
-        floor = XLA_OVER_EIGEN_MIN_ELEMENTS
-    small = call.elements is not None and call.elements < floor
+    small = call.elements is not None and call.elements < XLA_MIN_ELEMENTS
     slow = slow_cpu_kernel(call)
     positions = wide_positions(call)
     if positions and slow:
@@ -238,16 +232,13 @@ def _choose_cpu(call, xla_kernel, problems):
                         else f"{XLA_KERNEL_VARIABLE}=0")
                        + " rules out the XLA kernel"]
     elif call.dtype in ("float32", "float64"):
-        without_xla = [f"under {floor} elements the XLA kernel's "
+        without_xla = [f"under {XLA_MIN_ELEMENTS} elements the XLA kernel's "
                        "compilation costs more than it saves"]
     else:
         without_xla = []
     if problems:
         return Path(OPS, "; ".join([_cannot_fuse(problems)] + without_xla))
-    if slow and call.dtype == "float32" and (
-        call.onednn or call.elements is not None
-        and call.elements < XLA_MIN_ELEMENTS
-    ):
+    if slow and call.dtype == "float32" and (small or call.onednn):
         # Above 2**20 elements Eigen's kernel is the faster of the two.
         return Path(OPS, "; ".join(
             [f"{slow}; the keras.ops path is faster than it, with nothing "

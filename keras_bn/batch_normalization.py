@@ -133,9 +133,8 @@ class BatchNormalization(layers.Layer):
             ghost batches and float64; each input shape compiles once):
             `None` lets keras_bn choose (on a CPU, for tensors of at least
             2**20 elements, where TensorFlow's kernel cannot serve or is
-            slow there; 2**21 against Eigen's kernel); `True` runs it in
-            every training call, or raises a `ValueError` (other
-            backends, synchronization in progress);
+            slow there); `True` runs it in every training call, or raises a
+            `ValueError` (other backends, synchronization in progress);
             `False` never (the other paths are chosen as with `None`).
             With `None`, the environment variable
             `KERAS_BN_XLA_KERNEL=1` or `=0` sets a process-wide `True` or

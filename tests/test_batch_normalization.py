@@ -1273,21 +1273,8 @@ class DispatchTest(test_case.LayerTestCase):
         ("eigen_few_channels_small_epsilon", {
             "onednn": False, "channels": 8, "elements": 2**20,
             "epsilon": 1e-6}, "wide"),
-        # Against Eigen's kernel the XLA kernel needs 2**21 elements; where
-        # the other choice is the ops path (a mask, odd channels with
-        # oneDNN), 2**20.
         ("eigen_13_channels", {"onednn": False, "channels": 13,
-                               "elements": 13 * 2**18}, "xla"),
-        ("eigen_13_channels_under_2_21", {"onednn": False, "channels": 13,
-                                          "elements": 13 * 2**17}, "fused"),
-        ("eigen_under_2_21", {"onednn": False, "elements": 3 * 2**19},
-         "fused"),
-        ("eigen_at_2_21", {"onednn": False, "elements": 2**21}, "xla"),
-        ("eigen_under_2_20", {"onednn": False, "elements": 2**19}, "ops"),
-        ("eigen_mask_under_2_21", {"onednn": False, "masked": True,
-                                   "elements": 3 * 2**19}, "xla"),
-        ("onednn_odd_channels_under_2_21", {"channels": 30,
-                                            "elements": 30 * 2**16}, "xla"),
+                               "elements": 13 * 2**17}, "xla"),
         ("eigen_few_channels_large", {"onednn": False, "channels": 8,
                                       "elements": 2**21}, "xla"),
         ("eigen_few_channels_odd_rows", {"onednn": False, "channels": 8,
