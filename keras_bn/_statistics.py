@@ -114,17 +114,10 @@ def moments(x, axes, mask=None, synchronized=False, positions=1):
     """
     ctx = _replicas.replica_context() if synchronized else None
     if mask is None and ctx is None:
-        count = _element_count(x, axes)
-        if positions == 1 and backend.standardize_dtype(x.dtype) != "float64":
-            # `ops.mean` traces fewer ops than sums over the count, and its
-            # gradient fewer still; a mean of squares is never negative.
-            mean = ops.mean(x, axis=axes, keepdims=True)
-            squares = _backend_ops.squared_difference(
-                x, ops.stop_gradient(mean)
-            )
-            return mean, ops.mean(squares, axis=axes, keepdims=True), count
         # Sums over the count, not `ops.mean`: Keras 3.15's torch `mean`
-        # accumulates float64 in float32.
+        # accumulates float64 in float32, and under XLA `ops.mean` measured
+        # less accurate for a large mean against a small spread.
+        count = _element_count(x, axes)
         if positions != 1:
             count = count * positions
         mean = _column_sums(x, axes, positions) / count
