@@ -29,9 +29,7 @@ def moments(x, axes, mask=None, synchronized=False, merge_axes=True):
     """The batch's `Moments` of `x` over `axes`, `keepdims`; across
     replicas when `synchronized` (`_statistics.moments`)."""
     view = _view(x, axes, mask, merge_axes)
-    return _kept(view, _statistics.moments(
-        view.x, view.axes, view.mask, synchronized=synchronized
-    ))
+    return _kept(view, _view_moments(view, synchronized))
 
 
 def normalize(
@@ -43,16 +41,11 @@ def normalize(
     if moments is None:
         # The view's own moments serve the affine; only the returned ones
         # go back to the input's `keepdims` shape.
-        mean, variance, count = _statistics.moments(
-            view.x, view.axes, view.mask, synchronized=synchronized
-        )
+        mean, variance, count = _view_moments(view, synchronized)
         moments = _kept(view, (mean, variance, count))
     else:
         mean, variance = view.of(moments.mean), view.of(moments.variance)
-    total_scale, total_offset = _statistics.affine(
-        mean, variance, epsilon, *_like(view, scale, offset)
-    )
-    outputs = view.output(view.x * total_scale + total_offset)
+    outputs = _normalized(view, mean, variance, epsilon, scale, offset)
     return _statistics.Normalized(outputs, moments)
 
 
@@ -61,11 +54,9 @@ def inference(
 ):
     """`x` normalized with the given statistics (see the module)."""
     view = _view(x, axes, None, merge_axes)
-    total_scale, total_offset = _statistics.affine(
-        *_like(view, mean, variance), epsilon,
-        *_like(view, scale, offset),
+    return _normalized(
+        view, *_like(view, mean, variance), epsilon, scale, offset
     )
-    return view.output(view.x * total_scale + total_offset)
 
 
 def _view(x, axes, mask, merge_axes):
@@ -73,6 +64,22 @@ def _view(x, axes, mask, merge_axes):
     if merge_axes:
         return _layout.merged_view(x, axes, mask)
     return _layout.plain_view(x, axes, mask)
+
+
+def _view_moments(view, synchronized):
+    """`(mean, variance, count)` of the view, in the view's shape."""
+    return _statistics.moments(
+        view.x, view.axes, view.mask, synchronized=synchronized
+    )
+
+
+def _normalized(view, mean, variance, epsilon, scale, offset):
+    """The view normalized with `mean` and `variance` (in the view's shape)
+    and the input's `scale` and `offset`, in the input's shape."""
+    total_scale, total_offset = _statistics.affine(
+        mean, variance, epsilon, *_like(view, scale, offset)
+    )
+    return view.output(view.x * total_scale + total_offset)
 
 
 def _like(view, *values):
