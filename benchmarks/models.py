@@ -14,11 +14,13 @@ as the process), core and keras_bn processes alternating, and gives:
 - the growth of the process's peak resident memory over training, from
   before the first step to after the last.
 
-The table gives the medians of `--repeats` processes of each and the
+The models compile with Keras's default, `jit_compile="auto"` (XLA on
+JAX), or with `jit_compile=True` for `--jit-compile`. The table gives the
+medians of `--repeats` processes of each and the
 ratios keras_bn / core.
 
     python benchmarks/models.py
-    KERAS_BACKEND=jax python benchmarks/models.py --jit-compile
+    KERAS_BACKEND=tensorflow python benchmarks/models.py --jit-compile
     python benchmarks/models.py --models MobileNetV2 --repeats 5
 """
 
@@ -70,7 +72,8 @@ def parse_args(argv):
     )
     parser.add_argument(
         "--jit-compile", action="store_true",
-        help="compile the models with jit_compile=True",
+        help="compile the models with jit_compile=True (default: Keras's "
+        "'auto': XLA on JAX, not on a CPU with TensorFlow or PyTorch)",
     )
     parser.add_argument(
         "--out", type=pathlib.Path, default=pathlib.Path("out", "models"),
@@ -116,7 +119,7 @@ def worker(args):
         model = keras_bn.convert_batch_normalization(model)
     model.compile(
         optimizer="sgd", loss="sparse_categorical_crossentropy",
-        jit_compile=args.jit_compile,
+        jit_compile=True if args.jit_compile else "auto",
     )
     rng = np.random.default_rng(0)
     shape = (args.batch_size, args.image_size, args.image_size, 3)

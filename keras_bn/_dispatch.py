@@ -400,13 +400,14 @@ def fused_kernel(backend):
     return "TensorFlow's fused kernel"
 
 
-def choose_recurrent_input(backend, device, eager, xla_compiling):
-    """The path of the recurrent layers' input term in training.
+def choose_loop_compilation(backend, device, eager, xla_compiling):
+    """Whether `BNLSTM`'s written training loops run as XLA-compiled
+    functions called from the graph (`"xla"`) or as TensorFlow's loops
+    (`"ops"`).
 
-    `BNLSTM` and `BNGRU` normalize the input product of the whole
-    sequence outside their loop; in an ordinary TensorFlow graph on a CPU
-    that runs as one XLA-compiled function (`"xla"`), elsewhere as
-    `keras.ops` (`"ops"`). `KERAS_BN_XLA_KERNEL` decides as for the
+    In an ordinary TensorFlow graph on a CPU, XLA compiles each loop's
+    step into a few fused kernels, where TensorFlow's loop runs every op
+    of the step on its own. `KERAS_BN_XLA_KERNEL` decides as for the
     batch-normalization layers: `0` never, `1` on any device.
     """
     if backend != "tensorflow":
@@ -421,8 +422,8 @@ def choose_recurrent_input(backend, device, eager, xla_compiling):
     if setting:
         return Path(XLA, f"{XLA_KERNEL_VARIABLE}=1")
     if device == "cpu":
-        return Path(XLA, "XLA compiles the input term's element-wise ops "
-                    "and reductions into fewer passes on a CPU")
+        return Path(XLA, "XLA fuses each step's element-wise ops and "
+                    "reductions on a CPU")
     return Path(OPS, f"TensorFlow's ops on the {device}")
 
 

@@ -65,11 +65,8 @@ def train_lstm(inputs, states, weights, optional, epsilon, unroll,
         "inputs": inputs, "h": states[0], "c": states[1],
         "weights": weights, "optional": optional,
     }
-    forward = functools.partial(_forward, epsilon=epsilon, unroll=unroll)
-    backward = functools.partial(_backward, epsilon=epsilon, unroll=unroll)
-    if compile_loops:
-        forward = _scan.xla_function(forward)
-        backward = _scan.xla_function(backward)
+    forward = _loop(_forward, epsilon, unroll, compile_loops)
+    backward = _loop(_backward, epsilon, unroll, compile_loops)
 
     # The one place where the arguments are flattened: a custom gradient
     # takes and returns tensors.
@@ -104,6 +101,15 @@ def train_lstm(inputs, states, weights, optional, epsilon, unroll,
     hidden, c_last, statistics = recurrence(*tree.flatten(arguments))
     like = statistics_like(states[0].shape[-1], inputs.dtype)
     return (hidden[-1], c_last), hidden, _scan.unpack(like, statistics)
+
+
+@functools.cache
+def _loop(function, epsilon, unroll, compiled):
+    """`function` (`_forward` or `_backward`) with the layer's settings,
+    XLA-compiled or not: one of each per process, so that every trace of a
+    training function calls the same compiled function."""
+    loop = functools.partial(function, epsilon=epsilon, unroll=unroll)
+    return _scan.xla_function(loop) if compiled else loop
 
 
 def _forward(args, epsilon, unroll):

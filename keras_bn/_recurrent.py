@@ -196,14 +196,7 @@ class RecurrentCell(layers.Layer):
         time_major_x = ops.transpose(x, (1, 0, 2))
         if mask is not None:
             mask = ops.transpose(mask, (1, 0, 2))
-        input_term = self._input_term
-        if training and _scan.compile_input_term():
-            # Outside the loop (XLA cannot take TensorFlow's loop
-            # gradients in from an ordinary graph); fused, the passes
-            # over the large `(steps, batch, gates * units)` tensor cost
-            # less than TensorFlow's separate ops.
-            input_term = _scan.xla_function(self._input_term)
-        inputs, input_stats = input_term(
+        inputs, input_stats = self._input_term(
             time_major_x, mask, training, steps, first_step
         )
         states = self._initial_states(

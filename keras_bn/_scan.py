@@ -7,6 +7,8 @@ step before. Everything here takes tensors and plain values; nothing knows
 a layer.
 """
 
+import functools
+
 import keras
 from keras import ops
 from keras import tree
@@ -160,14 +162,14 @@ def _scan_tensorflow(step, init, xs, outputs_like, reverse):
     return tuple(carry), tuple(o.stack() for o in outputs)
 
 
-def compile_input_term():
-    """Whether a training call runs its input term through XLA
-    (`_dispatch.choose_recurrent_input` decides)."""
+def compile_written_loops():
+    """Whether `BNLSTM`'s written training loops run as XLA-compiled
+    functions (`_dispatch.choose_loop_compilation` decides)."""
     backend = keras.backend.backend()
     on_tensorflow = backend == "tensorflow"
     if on_tensorflow:
         import tensorflow as tf
-    path = _dispatch.choose_recurrent_input(
+    path = _dispatch.choose_loop_compilation(
         backend,
         _dispatch.device() if on_tensorflow else None,
         on_tensorflow and tf.executing_eagerly(),
@@ -176,9 +178,17 @@ def compile_input_term():
     return path.name == _dispatch.XLA
 
 
+@functools.cache
 def xla_function(function):
     """`function` as an XLA-compiled TensorFlow function, called from an
-    ordinary graph (only where `compile_input_term` says so)."""
+    ordinary graph (only where `compile_written_loops` says so).
+
+    Made once per process and function, so that the training function's
+    second trace (Keras traces it twice on TensorFlow when the optimizer
+    builds its variables in the first) finds it traced already. The cache
+    holds `function` itself: a `functools.partial` is its own key, so make
+    each partial once.
+    """
     import tensorflow as tf
 
     return tf.function(function, jit_compile=True, autograph=False)

@@ -131,7 +131,7 @@ class BNLSTMCell(_recurrent.RecurrentCell):
                 weights["recurrent_kernel"], weights["recurrent_gamma"],
                 weights["cell_gamma"], weights["cell_beta"],
             ),
-            optional, self.epsilon, unroll, _scan.compile_input_term(),
+            optional, self.epsilon, unroll, _scan.compile_written_loops(),
         )
 
     def _step(self, inputs, states, weights, population, mask, dropout):
