@@ -106,8 +106,9 @@ def train_lstm(inputs, states, weights, optional, epsilon, unroll,
 @functools.cache
 def _loop(function, epsilon, unroll, compiled):
     """`function` (`_forward` or `_backward`) with the layer's settings,
-    XLA-compiled or not: one of each per process, so that every trace of a
-    training function calls the same compiled function."""
+    XLA-compiled or not, made once per process: Keras traces a training
+    function twice on TensorFlow (the optimizer builds its variables in
+    the first trace), and the second finds the compiled loops traced."""
     loop = functools.partial(function, epsilon=epsilon, unroll=unroll)
     return _scan.xla_function(loop) if compiled else loop
 

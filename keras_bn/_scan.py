@@ -7,8 +7,6 @@ step before. Everything here takes tensors and plain values; nothing knows
 a layer.
 """
 
-import functools
-
 import keras
 from keras import ops
 from keras import tree
@@ -178,17 +176,9 @@ def compile_written_loops():
     return path.name == _dispatch.XLA
 
 
-@functools.cache
 def xla_function(function):
     """`function` as an XLA-compiled TensorFlow function, called from an
-    ordinary graph (only where `compile_written_loops` says so).
-
-    Made once per process and function, so that the training function's
-    second trace (Keras traces it twice on TensorFlow when the optimizer
-    builds its variables in the first) finds it traced already. The cache
-    holds `function` itself: a `functools.partial` is its own key, so make
-    each partial once.
-    """
+    ordinary graph (only where `compile_written_loops` says so)."""
     import tensorflow as tf
 
     return tf.function(function, jit_compile=True, autograph=False)
