@@ -13,7 +13,7 @@ from keras import layers
 from keras import ops
 from keras import regularizers
 
-from keras_bn import _dispatch
+from keras_bn import _recurrent_paths
 from keras_bn import _scan
 from keras_bn import _statistics
 from keras_bn import _validation
@@ -239,7 +239,7 @@ class RecurrentCell(layers.Layer):
         # Read once, outside the loop: reading the variables in every step
         # (and accumulating their gradients there) is slower.
         weights = self._step_weights(dtype)
-        if training and self.loop_path().name == _dispatch.WRITTEN_LOOP:
+        if training and self.loop_path().name == _recurrent_paths.WRITTEN_LOOP:
             return self._train_written(
                 inputs, states, weights, optional, unroll
             )
@@ -372,13 +372,13 @@ class RecurrentCell(layers.Layer):
 
     def loop_path(self, training=True):
         """The loop a call runs, `"written"` or `"generic"`, and why
-        (`_dispatch.choose_recurrent_loop`)."""
-        problems = _dispatch.recurrent_loop_problems(
+        (`_recurrent_paths.choose_recurrent_loop`)."""
+        problems = _recurrent_paths.recurrent_loop_problems(
             keras.backend.backend(), self.has_written_gradient,
             self.activation is activations.tanh
             and self.recurrent_activation is activations.sigmoid,
         )
-        return _dispatch.choose_recurrent_loop(
+        return _recurrent_paths.choose_recurrent_loop(
             self.written_gradient, problems, training
         )
 
@@ -402,7 +402,10 @@ class RecurrentCell(layers.Layer):
         gamma = ops.cast(gamma, value.dtype)
         beta = None if beta is None else ops.cast(beta, value.dtype)
         if population is None:
-            return _statistics.normalize_step(
+            path = _recurrent_paths.choose_step_normalization(
+                keras.backend.backend(), mask is not None
+            )
+            return _recurrent_paths.step_normalization(path)(
                 value, gamma, beta, mask, self.epsilon
             )
         scale, offset = _statistics.affine(

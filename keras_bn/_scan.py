@@ -12,6 +12,7 @@ from keras import ops
 from keras import tree
 
 from keras_bn import _dispatch
+from keras_bn import _recurrent_paths
 
 
 def scan(step, init, xs, outputs_like, unroll=False, reverse=False):
@@ -31,6 +32,12 @@ def scan(step, init, xs, outputs_like, unroll=False, reverse=False):
         `(last_carry, outputs)`, the outputs stacked over the steps.
     """
 
+    backend = keras.backend.backend()
+    if unroll or backend == "torch":
+        # The torch backend's `keras.ops.scan` is a Python loop too, which
+        # packs and flattens the structures again at every step.
+        return _scan_python(step, init, xs, outputs_like, reverse)
+
     def flat_step(carry, xs_t):
         carry, ys = step(
             tree.pack_sequence_as(init, carry),
@@ -41,10 +48,7 @@ def scan(step, init, xs, outputs_like, unroll=False, reverse=False):
     flat = (
         flat_step, tuple(tree.flatten(init)), tuple(tree.flatten(xs))
     )
-    backend = keras.backend.backend()
-    if unroll:
-        carry, ys = _scan_unrolled(*flat, reverse)
-    elif backend == "jax":
+    if backend == "jax":
         carry, ys = _scan_jax(*flat, reverse)
     elif backend == "tensorflow":
         carry, ys = _scan_tensorflow(
@@ -75,15 +79,21 @@ def unpack(like, packed):
     return tree.pack_sequence_as(like, ops.split(packed, ends, axis=-1))
 
 
-def _scan_unrolled(step, init, xs, reverse):
+def _scan_python(step, init, xs, outputs_like, reverse):
+    """The steps as a Python loop over the structures (the number of steps
+    known); the outputs stacked once, after it."""
+    flat_xs = tree.flatten(xs)
     carry, ys = init, []
-    order = range(xs[0].shape[0])
+    order = range(flat_xs[0].shape[0])
     for t in reversed(order) if reverse else order:
-        carry, y = step(carry, tuple(x[t] for x in xs))
-        ys.append(y)
+        carry, y = step(
+            carry, tree.pack_sequence_as(xs, [x[t] for x in flat_xs])
+        )
+        ys.append(tree.flatten(y))
     if reverse:
         ys.reverse()
-    return tuple(carry), tuple(ops.stack(y, axis=0) for y in zip(*ys))
+    stacked = [ops.stack(y, axis=0) for y in zip(*ys)]
+    return carry, tree.pack_sequence_as(outputs_like, stacked)
 
 
 def _scan_jax(step, init, xs, reverse):
@@ -162,12 +172,12 @@ def _scan_tensorflow(step, init, xs, outputs_like, reverse):
 
 def compile_written_loops():
     """Whether `BNLSTM`'s written training loops run as XLA-compiled
-    functions (`_dispatch.choose_loop_compilation` decides)."""
+    functions (`_recurrent_paths.choose_loop_compilation` decides)."""
     backend = keras.backend.backend()
     on_tensorflow = backend == "tensorflow"
     if on_tensorflow:
         import tensorflow as tf
-    path = _dispatch.choose_loop_compilation(
+    path = _recurrent_paths.choose_loop_compilation(
         backend,
         _dispatch.device() if on_tensorflow else None,
         on_tensorflow and tf.executing_eagerly(),

@@ -135,3 +135,22 @@ def _variance(inverse_std, epsilon):
     stddev = 1.0 / inverse_std.double()
     variance = _statistics.variance_from_stddev(stddev, epsilon)
     return variance.to(inverse_std.dtype)
+
+
+def normalize_step(value, gamma, beta, mask, epsilon):
+    """One step of a recurrent layer, `(batch, features)`, normalized over
+    the batch with PyTorch's kernel, which autograd differentiates in one
+    kernel (`_statistics.normalize_step`'s signature and result; no
+    mask)."""
+    import torch
+
+    del mask  # None (`_dispatch.choose_step_normalization`).
+    y, mean, _ = torch.native_batch_norm(
+        value, gamma, beta, None, None, True, 0.0, epsilon
+    )
+    with torch.no_grad():
+        variance = torch.var(value, dim=0, correction=0)
+    count = torch.full(
+        (1,), value.shape[0], dtype=value.dtype, device=value.device
+    )
+    return y, _statistics.Moments(mean.detach(), variance, count)

@@ -16,6 +16,7 @@ import pytest
 from absl.testing import parameterized
 
 import keras_bn
+from keras_bn import _recurrent_paths
 from tests import test_case
 
 TF = keras.backend.backend() == "tensorflow"
@@ -487,6 +488,19 @@ class LoopPathTest(test_case.LayerTestCase):
         ):
             keras_bn.BNLSTM(UNITS, written_gradient=True)
 
+    def test_step_normalization(self):
+        # PyTorch's kernel normalizes the unmasked steps on the torch
+        # backend; the `keras.ops` step does the rest.
+        backend = keras.backend.backend()
+        unmasked = _recurrent_paths.choose_step_normalization(backend, False)
+        masked = _recurrent_paths.choose_step_normalization(backend, True)
+        self.assertEqual(
+            unmasked.name, "torch" if backend == "torch" else "ops"
+        )
+        self.assertEqual(masked.name, "ops")
+        self.assertIn("no mask" if backend == "torch" else backend,
+                      masked.reason)
+
     def test_config_round_trip(self):
         layer = keras_bn.BNLSTM(UNITS, written_gradient=False)
         config = layer.get_config()
@@ -496,25 +510,48 @@ class LoopPathTest(test_case.LayerTestCase):
         self.assertEqual(revived.get_config(), config)
 
 
-@pytest.mark.skipif(
-    keras.backend.backend() != "jax", reason="uses jax.grad"
-)
-class JaxGradientTest(test_case.LayerTestCase):
-    @parameterized.named_parameters(
-        ("lstm_generic", keras_bn.BNLSTM, {"written_gradient": False}),
-        ("lstm_written", keras_bn.BNLSTM, {"written_gradient": True}),
-        ("gru", keras_bn.BNGRU, {}),
-    )
-    def test_gradients_match_finite_differences(self, cls, kwargs):
+def autodiff_gradient(loss, values):
+    """The gradient of `loss(values)` by the backend's own autodiff."""
+    if keras.backend.backend() == "jax":
         import jax
 
+        return jax.grad(loss)(values)
+    leaves = [v.detach().clone().requires_grad_(True) for v in values]
+    loss(leaves).backward()
+    return [leaf.grad.cpu().numpy() for leaf in leaves]
+
+
+@pytest.mark.skipif(
+    TF, reason="TensorFlow's gradients are checked in float64 above"
+)
+class AutodiffGradientTest(test_case.LayerTestCase):
+    """JAX's and PyTorch's gradients of a training call, against central
+    differences: with a mask (the `keras.ops` step) and without (on
+    PyTorch, PyTorch's kernel normalizes each step)."""
+
+    @parameterized.named_parameters(
+        (f"{name}_{'masked' if masked else 'unmasked'}", cls, kwargs, masked)
+        for name, cls, kwargs in (
+            ("lstm_generic", keras_bn.BNLSTM, {"written_gradient": False}),
+            ("lstm_written", keras_bn.BNLSTM, {"written_gradient": True}),
+            ("gru", keras_bn.BNGRU, {}),
+        )
+        for masked in (True, False)
+    )
+    def test_gradients_match_finite_differences(self, cls, kwargs, masked):
+        if kwargs.get("written_gradient") and not (
+            keras.backend.backend() == "jax"
+        ):
+            self.skipTest("the written gradient runs on TensorFlow and JAX")
         # In float32 (JAX's default): central differences over a step of
         # 2e-3 are good to about 1 %; a missing term of the
         # batch-normalization gradient is off by far more.
         rng = np.random.default_rng(7)
         x = rng.normal(size=(6, 4, 2)).astype("float32")
-        mask = np.ones((6, 4), bool)
-        mask[:2, 3:] = False
+        mask = None
+        if masked:
+            mask = np.ones((6, 4), bool)
+            mask[:2, 3:] = False
         layer = cls(UNITS, return_sequences=True, **kwargs)
         layer.build(x.shape)
         randomize(layer, rng)
@@ -525,20 +562,23 @@ class JaxGradientTest(test_case.LayerTestCase):
             y, _ = layer.stateless_call(
                 values, fixed, x, training=True, mask=mask
             )
-            return (y * probe).sum()
+            return (y * keras.ops.convert_to_tensor(probe)).sum()
 
         values = [v.value for v in layer.trainable_variables]
-        grads = jax.grad(loss)(values)
+        grads = autodiff_gradient(loss, values)
         delta = 2e-3
         for i, (value, grad) in enumerate(zip(values, grads)):
-            flat = np.asarray(value, np.float64).reshape(-1)
+            flat = keras.ops.convert_to_numpy(value).astype(np.float64)
+            flat = flat.reshape(-1)
             for index in rng.choice(flat.size, min(4, flat.size), False):
                 shifted = []
                 for sign in (1.0, -1.0):
                     bumped = flat.copy()
                     bumped[index] += sign * delta
                     moved = list(values)
-                    moved[i] = bumped.reshape(value.shape).astype("float32")
+                    moved[i] = keras.ops.convert_to_tensor(
+                        bumped.reshape(value.shape).astype("float32")
+                    )
                     shifted.append(float(loss(moved)))
                 numeric = (shifted[0] - shifted[1]) / (2 * delta)
                 self.assertAllClose(
