@@ -23,6 +23,7 @@ BACKENDS = REPO / "benchmarks" / "backends.py"
 XLA_KERNELS = REPO / "benchmarks" / "xla_kernels.py"
 PATHS = REPO / "benchmarks" / "paths.py"
 PERMUTED_DIGITS = REPO / "benchmarks" / "permuted_digits.py"
+RECURRENT_STEP = REPO / "benchmarks" / "recurrent_step.py"
 POLICIES = ("float32", "mixed_float16")
 # The byte model documented in benchmarks/README.md, in passes over the
 # activation tensor.
@@ -256,6 +257,32 @@ class ScriptTablesTest(parameterized.TestCase):
                 self.assertTrue(positive_finite(float(value)), name)
 
     @pytest.mark.slow
+    def test_recurrent_step_reports_the_pair(self):
+        tmp = tempfile.TemporaryDirectory()
+        self.addCleanup(tmp.cleanup)
+        result = test_case.run_script(
+            RECURRENT_STEP, "--model", "gru", "--units", "4",
+            "--batch-size", "4", "--steps", "3", "--features", "2",
+            "--repeats", "3", "--warmup", "1", "--out", tmp.name,
+            timeout=300,
+        )
+        self.assertEqual(result.returncode, 0, msg=result.stderr[-3000:])
+        [row] = table_rows(result.stdout)
+        report = json.loads(pathlib.Path(tmp.name, "results.json").read_text())
+        for name in ("core", "keras_bn"):
+            self.assertLen(report["times_s"][name], 3)
+            for value in report["times_s"][name]:
+                self.assertTrue(positive_finite(value), name)
+        medians = report["medians_s"]
+        core, ours, ratio = (float(v) for v in row)
+        self.assertAlmostEqual(core, medians["core"] * 1e3, delta=core / 100)
+        self.assertAlmostEqual(ours, medians["keras_bn"] * 1e3,
+                               delta=ours / 100)
+        self.assertAlmostEqual(
+            ratio, medians["keras_bn"] / medians["core"], places=2
+        )
+
+    @pytest.mark.slow
     def test_models_reports_every_measure(self):
         tmp = tempfile.TemporaryDirectory()
         self.addCleanup(tmp.cleanup)
@@ -346,6 +373,9 @@ class ScriptTablesTest(parameterized.TestCase):
         ("negative_early_rows", PERMUTED_DIGITS, ["--early-rows", "-1"],
          "Received: -1"),
         ("zero_epochs", PERMUTED_DIGITS, ["--epochs", "0"], "Received: '0'"),
+        ("zero_units", RECURRENT_STEP, ["--units", "0"], "Received: '0'"),
+        ("recurrent_model", RECURRENT_STEP, ["--model", "rnn"],
+         "invalid choice: 'rnn'"),
     )
     def test_bad_input_is_a_one_line_error(self, script, args, received):
         result = test_case.run_script(script, *args, timeout=60)
