@@ -280,7 +280,8 @@ def combine_steps(mean, variance, count, num_slots, first_step=None):
 
     Step `t` goes to slot `min(first_step + t, num_slots - 1)`, so the last
     slot also receives every later step. A slot gets the equal-weight mean
-    of the statistics of its steps that counted any element.
+    of the statistics of its steps that counted any element; the
+    statistics of a slot without one (`valid` zero) are not to be used.
 
     Args:
         mean, variance: Tensors of shape `(steps, features)`.
@@ -295,12 +296,21 @@ def combine_steps(mean, variance, count, num_slots, first_step=None):
         of shape `(num_slots, 1)`, the number of steps that contributed.
     """
     steps = ops.shape(mean)[0]
+    valid = ops.cast(ops.greater(count, 0.0), mean.dtype)
+    valid = ops.broadcast_to(ops.reshape(valid, (-1, 1)), (steps, 1))
+    if first_step is None and isinstance(steps, int) and steps <= num_slots:
+        # Step `t` is slot `t`'s only step: the statistics as they are
+        # (`valid` keeps an empty step's out of the moving statistics),
+        # the slots after the last step empty.
+        combined = (mean, variance, valid)
+        if steps < num_slots:
+            rows = [[0, num_slots - steps], [0, 0]]
+            combined = tuple(ops.pad(v, rows) for v in combined)
+        return combined
     index = ops.arange(steps, dtype="int32")
     if first_step is not None:
         index = index + ops.cast(first_step, "int32")
     slots = ops.minimum(index, num_slots - 1)
-    valid = ops.cast(ops.greater(count, 0.0), mean.dtype)
-    valid = ops.broadcast_to(ops.reshape(valid, (-1, 1)), (steps, 1))
     # (slots, steps): which steps each slot averages.
     weights = ops.transpose(ops.one_hot(slots, num_slots, dtype=mean.dtype))
     weights = weights * ops.transpose(valid)
