@@ -29,6 +29,7 @@ layers; the layers update their moving statistics themselves.
 """
 
 import functools
+import math
 
 from keras_bn import _layout
 from keras_bn import _statistics
@@ -280,14 +281,52 @@ def _xla_functions(rank):
 def _image_view(x):
     """`x` (last axis normalized) as the (N, H, W, C) tensor TensorFlow's
     kernel takes: the axes between the batch and the channels become H,
-    which oneDNN's kernel serves faster than a long N."""
+    which oneDNN's kernel serves faster than a long N. A static shape
+    (the batch may be unknown) reshapes without shape ops to trace."""
     import tensorflow as tf
 
+    inner = tuple(x.shape[1:-1])
+    if len(x.shape) < 2:
+        return tf.reshape(x, (1, 1, 1, x.shape[-1]))
+    if None not in inner:
+        return tf.reshape(
+            x, _static_shape(x, (math.prod(inner), 1, x.shape[-1]))
+        )
     shape = tf.shape(x)
-    batch = shape[0] if len(x.shape) > 1 else 1
     return tf.reshape(
-        x, tf.stack([batch, tf.reduce_prod(shape[1:-1]), 1, x.shape[-1]])
+        x, tf.stack([shape[0], tf.reduce_prod(shape[1:-1]), 1, x.shape[-1]])
     )
+
+
+def _as_shape_of(y, x):
+    """`y` reshaped to `x`'s shape."""
+    import tensorflow as tf
+
+    if None in tuple(x.shape[1:]):
+        return tf.reshape(y, tf.shape(x))
+    return tf.reshape(y, _static_shape(x, tuple(x.shape[1:])))
+
+
+def _static_shape(x, rest):
+    """`(batch, *rest)` for `tf.reshape`, the batch `-1` where unknown (or
+    `tf.shape` where `-1` could not be inferred: no elements)."""
+    import tensorflow as tf
+
+    if x.shape[0] is not None:
+        return (x.shape[0], *rest)
+    if math.prod(rest) == 0:
+        return tf.concat([tf.shape(x)[:1], rest], 0)
+    return (-1, *rest)
+
+
+def _image_count(image):
+    """The elements behind each channel's statistics in the kernel's view:
+    a Python float where its shape is static."""
+    import tensorflow as tf
+
+    if None in tuple(image.shape[:3]):
+        return tf.cast(tf.reduce_prod(tf.shape(image)[:3]), "float32")
+    return float(math.prod(image.shape[:3]))
 
 
 def _vector(value):
@@ -298,10 +337,12 @@ def _vector(value):
 
 
 def _fused_moments(mean, variance, count, x):
+    import tensorflow as tf
+
     return _statistics.Moments(
         _kept(mean, x),
         _kept(_statistics.biased_variance(variance, count), x),
-        count,
+        tf.constant(count, "float32") if isinstance(count, float) else count,
     )
 
 
@@ -325,13 +366,13 @@ def fused_normalize(x, axes, mask, epsilon, scale, offset, moments=None):
         )
     image = _image_view(x)
     # The kernel's statistics are float32 for every input dtype.
-    count = tf.cast(tf.reduce_prod(tf.shape(image)[:3]), "float32")
+    count = _image_count(image)
     y, mean, variance = tf.compat.v1.nn.fused_batch_norm(
         image, _vector(scale), _vector(offset), epsilon=epsilon,
         is_training=True,
     )
     return _statistics.Normalized(
-        tf.reshape(y, tf.shape(x)), _fused_moments(mean, variance, count, x)
+        _as_shape_of(y, x), _fused_moments(mean, variance, count, x)
     )
 
 
@@ -354,7 +395,7 @@ def fused_corrected(x, axes, epsilon, scale_offset):
     del axes  # All but the last.
     image = _image_view(x)
     channels = x.shape[-1]
-    count = tf.cast(tf.reduce_prod(tf.shape(image)[:3]), "float32")
+    count = _image_count(image)
     _, mean, variance, *reserve = tf.raw_ops.FusedBatchNormV3(
         x=image, scale=tf.ones(channels), offset=tf.zeros(channels),
         mean=tf.zeros(0), variance=tf.zeros(0), epsilon=epsilon,
@@ -383,7 +424,7 @@ def fused_corrected(x, axes, epsilon, scale_offset):
         return y, grad
 
     y = normalize(image, _vector(scale), _vector(offset))
-    return _statistics.Normalized(tf.reshape(y, tf.shape(x)), moments)
+    return _statistics.Normalized(_as_shape_of(y, x), moments)
 
 
 def fused_inference(x, axes, epsilon, scale, offset, mean, variance):
@@ -396,4 +437,4 @@ def fused_inference(x, axes, epsilon, scale, offset, mean, variance):
         _image_view(x), _vector(scale), _vector(offset), mean=_vector(mean),
         variance=_vector(variance), epsilon=epsilon, is_training=False,
     )
-    return tf.reshape(y, tf.shape(x))
+    return _as_shape_of(y, x)

@@ -418,7 +418,10 @@ def cumulative_decay(updates):
 
 
 def biased_variance(unbiased, count):
-    """The biased variance from the unbiased one over `count` elements."""
+    """The biased variance from the unbiased one over `count` elements (a
+    tensor, or a Python number)."""
+    if isinstance(count, (int, float)):
+        return unbiased * ((count - 1.0) / max(count, 1.0))
     return unbiased * ((count - 1.0) / at_least(count, 1.0))
 
 

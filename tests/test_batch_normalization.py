@@ -838,6 +838,48 @@ class UnknownShapeTest(test_case.LayerTestCase):
         x = rng.normal(0.0, 3.0, shape).astype("float32")
         self.assertAllClose(infer(x), eager(x), atol=1e-5, rtol=1e-5)
 
+    @parameterized.named_parameters(
+        (f"{name}_{known}", cfg, known)
+        for name, cfg in (
+            ("batch_norm", {}),
+            ("renorm", {k: v for k, v in RENORM_CLIPPED.items()
+                        if k != "fused"}),
+        )
+        for known in ("inner_sizes", "channels_only")
+    )
+    def test_fused_kernel_with_unknown_sizes_equals_ops_path(
+        self, cfg, known
+    ):
+        # TensorFlow's kernel reshapes to its 4-D view with static sizes
+        # where all but the batch are known, and with shape ops otherwise.
+        import tensorflow as tf
+
+        rng = _rng(24)
+        shape = (5, 3, 2, 4)
+        fused, plain = _layer(**cfg, fused=True), _layer(**cfg, fused=False)
+        for layer in (fused, plain):
+            layer.build(shape)
+        _randomize(plain, rng)
+        fused.set_weights(plain.get_weights())
+        spec = tf.TensorSpec(
+            (None, *shape[1:]) if known == "inner_sizes"
+            else (None, None, None, shape[-1]), "float32",
+        )
+        step = tf.function(
+            lambda x: fused(x, training=True), input_signature=[spec]
+        )
+        self.assertIn(
+            "FusedBatchNorm",
+            str(step.get_concrete_function().graph.as_graph_def()),
+        )
+        for i in range(2):
+            x = rng.normal(10.0 * i, 2.0, shape).astype("float32")
+            self.assertAllClose(
+                step(x), plain(x, training=True), atol=1e-5, rtol=1e-5
+            )
+        for a, b in zip(fused.weights, plain.weights):
+            self.assertAllClose(a, b, atol=1e-6, rtol=1e-5, msg=a.name)
+
 
 RENORM = {
     "renorm": True, "renorm_momentum": 0.5,
