@@ -18,8 +18,10 @@ accumulated in float32 with float32 weights.
 The functions have the signatures of `_ops_kernels` (`normalize`,
 `moments`, `inference`, statistics `keepdims` against the input) and know
 nothing of the layers; the layers update their moving statistics
-themselves. `torch` is imported when a function runs, so keras_bn imports
-without it.
+themselves. `normalize_step`, one step of a recurrent layer, has the
+signature of `_statistics.normalize_step`
+(`_recurrent_paths.choose_step_normalization` decides when it runs).
+`torch` is imported when a function runs, so keras_bn imports without it.
 """
 
 import math
